@@ -1,0 +1,320 @@
+"""Ignite/MONAI engines: the VAE-GAN trainer of the autoencoder and the pieces that let MONAI's
+``SupervisedTrainer`` and ``LatentDiffusionInferer`` train the latent diffusion model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from ignite.metrics import Average
+from monai.engines import Trainer
+from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
+from monai.inferers import Inferer, LatentDiffusionInferer, SimpleInferer
+from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.transforms import Randomizable
+
+from scripts.networks import FactorAutoencoderKL, _fmt
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for ``mixed_precision`` on ``device``; mixed precision is a GPU feature, so
+    on CPU it is ignored with a log line."""
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16' or null, got {mixed_precision!r}.")
+    if mixed_precision is not None and torch.device(device).type != "cuda":
+        logger.info(f"mixed_precision {mixed_precision!r} is ignored on {torch.device(device)}: training in float32.")
+        return None
+    return PRECISIONS[mixed_precision]
+
+
+def make_grad_scaler(mixed_precision: str | None, device: torch.device | str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 on a GPU (bf16 and float32 need none)."""
+    enabled = mixed_precision == "fp16" and torch.device(device).type == "cuda"
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence to the unit Gaussian, summed over the latent and averaged over the batch."""
+    kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2)) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def build_perceptual_loss(
+    enabled: bool, spatial_dims: int = 3, network_type: str = "squeeze", cache_dir: str | None = None, **kwargs: Any
+) -> nn.Module | None:
+    """MONAI's ``PerceptualLoss``, or ``None`` with a logged reason when its pretrained weights cannot
+    be reached (offline, or no cached copy): training then goes on without it."""
+    if not enabled:
+        return None
+    try:
+        return PerceptualLoss(spatial_dims=spatial_dims, network_type=network_type, cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # a download or hub failure: say so and go on
+        logger.warning(
+            f"perceptual loss disabled: the pretrained '{network_type}' weights could not be loaded "
+            f"(cache_dir={cache_dir!r}): {type(e).__name__}: {e}. Training without it; point "
+            f"perceptual_cache_dir at a torch.hub cache that holds them to use it offline."
+        )
+        return None
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; ``deterministic`` also makes cuDNN pick deterministic kernels
+    (reproducible to the bit on one GPU, somewhat slower), otherwise it benchmarks for speed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+class EpochSeed:
+    """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts.
+
+    Data order, random crops and the VAE's sampling noise then depend on the epoch alone, so a run
+    resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw.
+    """
+
+    def __init__(self, seed: int, transform: Randomizable | None = None) -> None:
+        self.seed = seed
+        self.transform = transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch_seed = (self.seed * 1_000_003 + engine.state.epoch) % (2**31)
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
+        if self.transform is not None:
+            self.transform.set_random_state(seed=epoch_seed)
+
+
+def log_network_summary(network: FactorAutoencoderKL, patch_size: Sequence[int]) -> str:
+    """One line a run starts with: factors, total factor, latent shape of the patch, parameter count."""
+    total = network.total_factor
+    total_str = f"{total[0]}x" if len(set(total)) == 1 else "x".join(map(str, total))
+    latent = network.latent_shape(patch_size)
+    params = sum(p.numel() for p in network.parameters())
+    line = (
+        f"downsample factors {_fmt(network.downsample_factors)} ({network.layout}): total {total_str}, patch "
+        f"{'x'.join(map(str, patch_size))} -> latent {'x'.join(map(str, (network.latent_channels, *latent)))}, "
+        f"{params / 1e6:.2f}M parameters"
+    )
+    logger.info(line)
+    return line
+
+
+class AutoencoderKLTrainer(Trainer):
+    """VAE-GAN training of a (factor-aware) ``AutoencoderKL`` on MONAI's ignite ``Trainer``.
+
+    The generator loss is ``recon_weight * L1 + kl_weight * KL (+ perceptual_weight * perceptual)
+    (+ adv_weight * adversarial once the epoch passes adv_warmup_epochs)``; the ``PatchDiscriminator``
+    trains on the same batch with a least-squares loss. Gradient accumulation is exact: each
+    micro-batch loss is divided by the number of micro-batches in its window (the last window of an
+    epoch may be short), and the optimizers step at the window's end, so N accumulated batches of B
+    give the gradient of one batch of N*B. A non-finite loss stops the run before any optimizer step,
+    so the last checkpoint stays good.
+    """
+
+    EPOCH_AVERAGES = ("loss", "recon_loss", "kl_loss")
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        discriminator: nn.Module | None = None,
+        d_optimizer: torch.optim.Optimizer | None = None,
+        recon_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        adv_weight: float = 0.01,
+        adv_warmup_epochs: int = 0,
+        perceptual_loss: nn.Module | None = None,
+        perceptual_weight: float = 0.0,
+        accumulation_steps: int = 1,
+        amp_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        d_scaler: torch.amp.GradScaler | None = None,
+        epoch_length: int | None = None,
+        inferer: Inferer | None = None,
+        train_handlers: Sequence | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+    ) -> None:
+        if accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be a positive integer, got {accumulation_steps!r}.")
+        if (discriminator is None) != (d_optimizer is None):
+            raise ValueError("discriminator and d_optimizer go together: give both or neither.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            decollate=False,
+        )
+        # epoch means in state.metrics, attached before the handlers so StatsHandler and MLflow see them
+        for name in self.EPOCH_AVERAGES:
+            Average(output_transform=lambda out, name=name: out[name]).attach(self, name)
+        if train_handlers:
+            self._register_handlers(train_handlers)
+        self.network = network
+        self.optimizer = optimizer
+        self.discriminator = discriminator
+        self.d_optimizer = d_optimizer
+        self.recon_weight = recon_weight
+        self.kl_weight = kl_weight
+        self.adv_weight = adv_weight
+        self.adv_warmup_epochs = adv_warmup_epochs
+        self.perceptual_loss = perceptual_loss
+        self.perceptual_weight = perceptual_weight
+        self.accumulation_steps = accumulation_steps
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.amp_dtype = amp_dtype
+        fp16 = "fp16" if amp_dtype == torch.float16 else None
+        self.scaler = make_grad_scaler(fp16, device) if scaler is None else scaler
+        self.d_scaler = make_grad_scaler(fp16, device) if d_scaler is None else d_scaler
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+
+    def run(self) -> None:  # type: ignore[override]
+        # MONAI's Trainer.run replaces self.scaler; ours come from __init__ and are restored on resume.
+        super(Trainer, self).run()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+
+    def _window(self, engine: AutoencoderKLTrainer) -> tuple[bool, bool, int]:
+        """(first micro-batch of a window, last one, number of micro-batches in the window)."""
+        acc = self.accumulation_steps
+        length = engine.state.epoch_length
+        local = (engine.state.iteration - 1) % length if length else engine.state.iteration - 1
+        start = local - local % acc
+        size = min(acc, length - start) if length else acc
+        return local == start, local - start + 1 == size, size
+
+    def adversarial_active(self, epoch: int) -> bool:
+        return self.discriminator is not None and self.adv_weight > 0 and epoch > self.adv_warmup_epochs
+
+    @staticmethod
+    def _check_finite(name: str, value: torch.Tensor, engine: AutoencoderKLTrainer) -> None:
+        if not torch.isfinite(value):
+            raise FloatingPointError(
+                f"{name} is {value.item()} at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
+                f"stopping before the optimizer step, so the last saved checkpoint stays good. Lower learning_rate, "
+                f"use mixed_precision bf16 rather than fp16, or check the data for NaNs."
+            )
+
+    def _iteration(self, engine: AutoencoderKLTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+        images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        images = images.as_tensor() if hasattr(images, "as_tensor") else images
+        first, last, window = self._window(engine)
+        adversarial = self.adversarial_active(engine.state.epoch)
+        self.network.train()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.d_optimizer is not None:
+                self.d_optimizer.zero_grad(set_to_none=True)
+
+        with self._autocast():
+            reconstruction, z_mu, z_sigma = self.inferer(images, self.network)
+            recon = reconstruction.float()
+            losses = {"recon_loss": torch.nn.functional.l1_loss(recon, images), "kl_loss": kl_loss(z_mu, z_sigma)}
+            g_loss = self.recon_weight * losses["recon_loss"] + self.kl_weight * losses["kl_loss"]
+            if self.perceptual_loss is not None and self.perceptual_weight > 0:
+                losses["perceptual_loss"] = self.perceptual_loss(recon, images)
+                g_loss = g_loss + self.perceptual_weight * losses["perceptual_loss"]
+            if adversarial:
+                logits_fake = self.discriminator(recon.contiguous())[-1]
+                losses["gen_adv_loss"] = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                g_loss = g_loss + self.adv_weight * losses["gen_adv_loss"]
+        self._check_finite("generator loss", g_loss, engine)
+        self.scaler.scale(g_loss / window).backward()
+
+        if adversarial:
+            self.discriminator.train()
+            with self._autocast():
+                logits_fake = self.discriminator(recon.detach().contiguous())[-1]
+                logits_real = self.discriminator(images.contiguous())[-1]
+                d_loss = 0.5 * (
+                    self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                    + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
+                )
+                losses["disc_loss"] = d_loss
+            self._check_finite("discriminator loss", d_loss, engine)
+            self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
+
+        if last:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if adversarial:
+                self.d_scaler.step(self.d_optimizer)
+                self.d_scaler.update()
+        output = {k: float(v.detach()) for k, v in losses.items()}
+        output["loss"] = float(g_loss.detach())
+        return output
+
+
+def compute_scale_factor(
+    autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, max_batches: int | None = None
+) -> float:
+    """1 / std of the autoencoder's latents over the training data: the latent scale factor of
+    ``LatentDiffusionInferer`` (Rombach et al.), computed once at the start of diffusion training."""
+    autoencoder.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(data_loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images, _ = default_prepare_batch(batch, device)
+            z = autoencoder.encode_stage_2_inputs(images).double()
+            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    if count == 0:
+        raise ValueError("the training data loader gave no batch; cannot compute the latent scale factor.")
+    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
+    if not std > 0:
+        raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
+    scale = 1.0 / std
+    logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {count} latent values)")
+    return scale
+
+
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's ``DiffusionPrepareBatch`` with noise of the latent's shape, derived from the factors."""
+
+    def __init__(self, num_train_timesteps: int, autoencoder: FactorAutoencoderKL) -> None:
+        super().__init__(num_train_timesteps)
+        self.autoencoder = autoencoder
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        shape = (images.shape[0], self.autoencoder.latent_channels, *self.autoencoder.latent_shape(images.shape[2:]))
+        return torch.randn(shape, device=images.device)
+
+
+class LatentDiffusionTrainingInferer(LatentDiffusionInferer):
+    """``LatentDiffusionInferer`` with its frozen autoencoder bound, so MONAI's ``SupervisedTrainer``
+    (which passes the trained network second) can call it as ``inferer(images, unet, noise=..., timesteps=...)``."""
+
+    def __init__(self, autoencoder: nn.Module, scheduler: Any, scale_factor: float) -> None:
+        super().__init__(scheduler=scheduler, scale_factor=scale_factor)
+        self.autoencoder = autoencoder
+
+    def __call__(self, inputs: torch.Tensor, diffusion_model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return super().__call__(inputs, self.autoencoder, diffusion_model, *args, **kwargs)

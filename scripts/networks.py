@@ -1,0 +1,596 @@
+"""Factor-aware AutoencoderKL: a downsampling factor per level, and per axis, instead of a fixed 2.
+
+Two layouts share one set of arguments:
+
+- ``"strided"``: MONAI's layout. Level 0 runs at full resolution and each level ends in a strided
+  convolution. With every factor 2 the module is MONAI's ``AutoencoderKL`` exactly (same state-dict
+  keys, shapes and outputs), so existing MONAI checkpoints load unchanged.
+- ``"space_to_depth"``: the memory-efficient layout. The first factor is taken by a lossless
+  space-to-depth rearrangement of the input (and depth-to-space at the output), so no wide tensor
+  ever exists at full resolution; level 0's blocks see the voxels packed into channels. Activation
+  memory then shrinks with the first factor, which is what makes large factors pay off.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution, SpatialAttentionBlock, Upsample
+from monai.networks.nets import AutoencoderKL
+from monai.networks.nets.autoencoderkl import AEKLResBlock, AsymmetricPad
+from monai.utils import ensure_tuple_rep
+
+__all__ = [
+    "LAYOUTS",
+    "FactorAutoencoderKL",
+    "FactorDecoder",
+    "FactorDownsample",
+    "FactorEncoder",
+    "SpaceToDepth",
+    "DepthToSpace",
+    "Reconstructor",
+    "normalize_factors",
+    "total_factor",
+]
+
+LAYOUTS = ("strided", "space_to_depth")
+Factors = tuple[tuple[int, ...], ...]
+
+
+def normalize_factors(
+    factors: Sequence[int | Sequence[int]] | None,
+    num_levels: int,
+    spatial_dims: int,
+    name: str = "downsample_factors",
+    channels: Sequence[int] | None = None,
+) -> Factors:
+    """Validate ``factors`` and return one tuple of per-axis integers per level transition.
+
+    ``None`` means 2 on every axis at every transition (MONAI's behaviour). Errors name the
+    parameter, the rule and what came, so a config mistake is caught before anything is built.
+    """
+    expected = num_levels - 1
+    if factors is None:
+        return tuple((2,) * spatial_dims for _ in range(expected))
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
+        raise ValueError(f"{name} must be a list of factors, one per level transition; got {factors!r}.")
+    if len(factors) != expected:
+        source = f"channels {tuple(channels)}" if channels is not None else f"{num_levels} levels"
+        raise ValueError(
+            f"{name} has {len(factors)} entries {list(factors)!r}, but {source} needs {expected}: "
+            f"the rule is len({name}) == len(channels) - 1."
+        )
+    out = []
+    for i, entry in enumerate(factors):
+        if isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)):
+            if len(entry) != spatial_dims:
+                raise ValueError(
+                    f"{name}[{i}] = {list(entry)!r} has {len(entry)} axes, but spatial_dims is {spatial_dims}: "
+                    f"give one integer per spatial axis, or a single integer for all axes."
+                )
+            axes = tuple(entry)
+        else:
+            axes = (entry,) * spatial_dims
+        for f in axes:
+            if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 1:
+                raise ValueError(f"{name}[{i}] = {entry!r}: every factor must be a positive integer, got {f!r}.")
+        out.append(tuple(int(f) for f in axes))
+    return tuple(out)
+
+
+def total_factor(factors: Factors) -> tuple[int, ...]:
+    """Product of the per-level factors, per axis."""
+    return tuple(math.prod(axis) for axis in zip(*factors)) if factors else ()
+
+
+class FactorDownsample(nn.Module):
+    """Strided convolution with kernel ``f + 1`` and stride ``f`` per axis, after a (0, 1) pad.
+
+    A kernel smaller than its stride skips voxels (kernel 3 at stride 4 never reads one row in
+    four), so the kernel grows with the factor: each output voxel reads its own ``f``-cell plus one
+    voxel of the next, and every input voxel reaches the output. For ``f = 2`` this is MONAI's
+    ``AEKLDownsample`` (kernel 3, stride 2), with the same parameter names.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, factor: Sequence[int]) -> None:
+        super().__init__()
+        self.factor = tuple(factor)
+        self.pad = AsymmetricPad(spatial_dims=spatial_dims)
+        self.conv = Convolution(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            strides=self.factor,
+            kernel_size=tuple(f + 1 for f in self.factor),
+            padding=0,
+            conv_only=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pad(x))
+
+
+def _space_to_depth(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    b, c, *spatial = x.shape
+    split: list[int] = []
+    for size, f in zip(spatial, factor):
+        split += [size // f, f]
+    x = x.reshape(b, c, *split)
+    n = len(spatial)
+    coarse = [2 + 2 * i for i in range(n)]
+    fine = [3 + 2 * i for i in range(n)]
+    x = x.permute(0, 1, *fine, *coarse)
+    return x.reshape(b, c * math.prod(factor), *(s // f for s, f in zip(spatial, factor)))
+
+
+def _depth_to_space(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    b, c, *spatial = x.shape
+    n = len(spatial)
+    x = x.reshape(b, c // math.prod(factor), *factor, *spatial)
+    order: list[int] = []
+    for i in range(n):
+        order += [2 + n + i, 2 + i]
+    x = x.permute(0, 1, *order)
+    return x.reshape(b, c // math.prod(factor), *(s * f for s, f in zip(spatial, factor)))
+
+
+class SpaceToDepth(nn.Module):
+    """Lossless rearrangement of each ``f``-cell of voxels into channels (pixel-unshuffle, any dims)."""
+
+    def __init__(self, factor: Sequence[int]) -> None:
+        super().__init__()
+        self.factor = tuple(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _space_to_depth(x, self.factor)
+
+
+class DepthToSpace(nn.Module):
+    """Inverse of :class:`SpaceToDepth` (pixel-shuffle, any dims)."""
+
+    def __init__(self, factor: Sequence[int]) -> None:
+        super().__init__()
+        self.factor = tuple(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _depth_to_space(x, self.factor)
+
+
+def _conv3(spatial_dims: int, in_channels: int, out_channels: int) -> Convolution:
+    return Convolution(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        strides=1,
+        kernel_size=3,
+        padding=1,
+        conv_only=True,
+    )
+
+
+def _upsample(spatial_dims: int, channels: int, factor: Sequence[int], use_convtranspose: bool) -> nn.Module:
+    """MONAI's upsampling (transposed conv, or nearest + conv) with a per-axis integer factor."""
+    if use_convtranspose:
+        return Upsample(
+            spatial_dims=spatial_dims,
+            mode="deconv",
+            in_channels=channels,
+            out_channels=channels,
+            scale_factor=tuple(factor),
+        )
+    scale: float | tuple[float, ...] = 2.0 if set(factor) == {2} else tuple(float(f) for f in factor)
+    return Upsample(
+        spatial_dims=spatial_dims,
+        mode="nontrainable",
+        in_channels=channels,
+        out_channels=channels,
+        interp_mode="nearest",
+        scale_factor=scale,
+        post_conv=_conv3(spatial_dims, channels, channels),
+        align_corners=None,
+    )
+
+
+class _LevelBuilder:
+    """Shared block builder, so encoder and decoder stack levels the way MONAI's do."""
+
+    def __init__(self, spatial_dims: int, norm_num_groups: int, norm_eps: float, attn_kwargs: dict[str, Any]):
+        self.spatial_dims = spatial_dims
+        self.norm_num_groups = norm_num_groups
+        self.norm_eps = norm_eps
+        self.attn_kwargs = attn_kwargs
+
+    def res(self, in_channels: int, out_channels: int) -> AEKLResBlock:
+        return AEKLResBlock(self.spatial_dims, in_channels, self.norm_num_groups, self.norm_eps, out_channels)
+
+    def attn(self, channels: int) -> SpatialAttentionBlock:
+        return SpatialAttentionBlock(
+            spatial_dims=self.spatial_dims,
+            num_channels=channels,
+            norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps,
+            **self.attn_kwargs,
+        )
+
+    def level(self, in_channels: int, out_channels: int, num_res_blocks: int, attention: bool) -> list[nn.Module]:
+        blocks: list[nn.Module] = []
+        for _ in range(num_res_blocks):
+            blocks.append(self.res(in_channels, out_channels))
+            in_channels = out_channels
+            if attention:
+                blocks.append(self.attn(in_channels))
+        return blocks
+
+    def nonlocal_attn(self, channels: int) -> list[nn.Module]:
+        return [self.res(channels, channels), self.attn(channels), self.res(channels, channels)]
+
+    def norm(self, channels: int) -> nn.GroupNorm:
+        return nn.GroupNorm(num_groups=self.norm_num_groups, num_channels=channels, eps=self.norm_eps, affine=True)
+
+
+class FactorEncoder(nn.Module):
+    """MONAI's AutoencoderKL ``Encoder`` with a downsampling factor per level and axis.
+
+    Block order matches MONAI's, so with all factors 2 and the ``"strided"`` layout the
+    ``blocks.N`` parameter names are MONAI's.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        out_channels: int,
+        num_res_blocks: Sequence[int],
+        norm_num_groups: int,
+        norm_eps: float,
+        attention_levels: Sequence[bool],
+        with_nonlocal_attn: bool = True,
+        include_fc: bool = True,
+        use_combined_linear: bool = False,
+        use_flash_attention: bool = False,
+        downsample_factors: Sequence[int | Sequence[int]] | None = None,
+        layout: str = "strided",
+    ) -> None:
+        super().__init__()
+        _check_layout(layout, len(channels))
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.channels = channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.norm_num_groups = norm_num_groups
+        self.norm_eps = norm_eps
+        self.attention_levels = attention_levels
+        self.layout = layout
+        self.downsample_factors = normalize_factors(
+            downsample_factors, len(channels), spatial_dims, "downsample_factors", channels
+        )
+        build = _LevelBuilder(
+            spatial_dims,
+            norm_num_groups,
+            norm_eps,
+            dict(include_fc=include_fc, use_combined_linear=use_combined_linear, use_flash_attention=use_flash_attention),
+        )
+
+        blocks: list[nn.Module] = []
+        if layout == "space_to_depth":
+            stem = self.downsample_factors[0]
+            blocks += [SpaceToDepth(stem), _conv3(spatial_dims, in_channels * math.prod(stem), channels[0])]
+        else:
+            blocks.append(_conv3(spatial_dims, in_channels, channels[0]))
+        level_in = channels[0]
+        for i, level_out in enumerate(channels):
+            blocks += build.level(level_in, level_out, num_res_blocks[i], attention_levels[i])
+            level_in = level_out
+            if i == len(channels) - 1:
+                break
+            if layout == "strided":
+                blocks.append(FactorDownsample(spatial_dims, level_in, self.downsample_factors[i]))
+            elif i > 0:
+                blocks.append(FactorDownsample(spatial_dims, level_in, self.downsample_factors[i]))
+        if with_nonlocal_attn:
+            blocks += build.nonlocal_attn(channels[-1])
+        blocks += [build.norm(channels[-1]), _conv3(spatial_dims, channels[-1], out_channels)]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class FactorDecoder(nn.Module):
+    """MONAI's AutoencoderKL ``Decoder`` with an upsampling factor per level and axis.
+
+    ``upsample_factors`` is in the decoder's own order (deepest transition first); ``None`` means
+    2 everywhere. The autoencoder passes the mirror of its encoder's factors.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: Sequence[int],
+        in_channels: int,
+        out_channels: int,
+        num_res_blocks: Sequence[int],
+        norm_num_groups: int,
+        norm_eps: float,
+        attention_levels: Sequence[bool],
+        with_nonlocal_attn: bool = True,
+        use_convtranspose: bool = False,
+        include_fc: bool = True,
+        use_combined_linear: bool = False,
+        use_flash_attention: bool = False,
+        upsample_factors: Sequence[int | Sequence[int]] | None = None,
+        layout: str = "strided",
+    ) -> None:
+        super().__init__()
+        _check_layout(layout, len(channels))
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.norm_num_groups = norm_num_groups
+        self.norm_eps = norm_eps
+        self.attention_levels = attention_levels
+        self.layout = layout
+        self.upsample_factors = normalize_factors(
+            upsample_factors, len(channels), spatial_dims, "upsample_factors", channels
+        )
+        build = _LevelBuilder(
+            spatial_dims,
+            norm_num_groups,
+            norm_eps,
+            dict(include_fc=include_fc, use_combined_linear=use_combined_linear, use_flash_attention=use_flash_attention),
+        )
+
+        rev_channels = list(reversed(channels))
+        rev_attention = list(reversed(attention_levels))
+        rev_res_blocks = list(reversed(num_res_blocks))
+        last = len(channels) - 1
+        blocks: list[nn.Module] = [_conv3(spatial_dims, in_channels, rev_channels[0])]
+        if with_nonlocal_attn:
+            blocks += build.nonlocal_attn(rev_channels[0])
+        level_in = rev_channels[0]
+        for i, level_out in enumerate(rev_channels):
+            blocks += build.level(level_in, level_out, rev_res_blocks[i], rev_attention[i])
+            level_in = level_out
+            if i == last:
+                break
+            if layout == "strided" or i < last - 1:
+                blocks.append(_upsample(spatial_dims, level_in, self.upsample_factors[i], use_convtranspose))
+        blocks.append(build.norm(level_in))
+        if layout == "space_to_depth":
+            head = self.upsample_factors[-1]
+            blocks += [_conv3(spatial_dims, level_in, out_channels * math.prod(head)), DepthToSpace(head)]
+        else:
+            blocks.append(_conv3(spatial_dims, level_in, out_channels))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _check_layout(layout: str, num_levels: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    if layout == "space_to_depth" and num_levels < 2:
+        raise ValueError("layout 'space_to_depth' needs at least two levels (len(channels) >= 2).")
+
+
+_FACTORS_KEY = "downsample_factors"
+_LAYOUT_KEY = "layout"
+
+
+class FactorAutoencoderKL(AutoencoderKL):
+    """MONAI's ``AutoencoderKL`` whose downsampling factor is chosen per level, and per axis.
+
+    Args:
+        downsample_factors: one entry per level transition (``len(channels) - 1``), each an integer
+            (same factor on every axis) or one integer per spatial axis, e.g. ``[[2, 2, 1], [2, 2, 2]]``
+            for thick-slice MRI. ``None`` means 2 everywhere. A factor of 1 keeps that axis' resolution.
+        layout: ``"strided"`` (MONAI's layout, loads MONAI weights) or ``"space_to_depth"`` (the
+            memory-efficient layout, see the module docstring).
+
+    The other arguments are MONAI's. ``encode``/``decode``/``sampling``/``reconstruct``/
+    ``encode_stage_2_inputs``/``decode_stage_2_outputs`` are MONAI's, so ``LatentDiffusionInferer``
+    works unchanged. Networks with non-default factors or layout record them in their state dict, and
+    loading a state dict recorded with other factors fails with an error that names both.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        num_res_blocks: Sequence[int] | int = (2, 2, 2, 2),
+        channels: Sequence[int] = (32, 64, 64, 64),
+        attention_levels: Sequence[bool] = (False, False, True, True),
+        latent_channels: int = 3,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-6,
+        with_encoder_nonlocal_attn: bool = True,
+        with_decoder_nonlocal_attn: bool = True,
+        use_checkpoint: bool = False,
+        use_convtranspose: bool = False,
+        include_fc: bool = True,
+        use_combined_linear: bool = False,
+        use_flash_attention: bool = False,
+        downsample_factors: Sequence[int | Sequence[int]] | None = None,
+        layout: str = "strided",
+    ) -> None:
+        # MONAI's __init__ hard-codes its Encoder/Decoder; we build the same submodules (same names,
+        # so state dicts are interchangeable) with the factor-aware ones, validating everything first.
+        nn.Module.__init__(self)
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}.")
+        if any(c % norm_num_groups != 0 for c in channels):
+            raise ValueError(f"every entry of channels {tuple(channels)} must be a multiple of norm_num_groups={norm_num_groups}.")
+        if len(channels) != len(attention_levels):
+            raise ValueError(
+                f"attention_levels {tuple(attention_levels)} must have one entry per level of channels {tuple(channels)}."
+            )
+        num_res_blocks = ensure_tuple_rep(num_res_blocks, len(channels))
+        _check_layout(layout, len(channels))
+        factors = normalize_factors(downsample_factors, len(channels), spatial_dims, "downsample_factors", channels)
+
+        self.spatial_dims = spatial_dims
+        self.downsample_factors: Factors = factors
+        self.layout = layout
+        shared = dict(
+            spatial_dims=spatial_dims,
+            channels=channels,
+            num_res_blocks=num_res_blocks,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            attention_levels=attention_levels,
+            include_fc=include_fc,
+            use_combined_linear=use_combined_linear,
+            use_flash_attention=use_flash_attention,
+            layout=layout,
+        )
+        self.encoder: nn.Module = FactorEncoder(
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            with_nonlocal_attn=with_encoder_nonlocal_attn,
+            downsample_factors=factors,
+            **shared,
+        )
+        self.decoder: nn.Module = FactorDecoder(
+            in_channels=latent_channels,
+            out_channels=out_channels,
+            with_nonlocal_attn=with_decoder_nonlocal_attn,
+            use_convtranspose=use_convtranspose,
+            upsample_factors=tuple(reversed(factors)),
+            **shared,
+        )
+        self.quant_conv_mu = self._conv1(latent_channels)
+        self.quant_conv_log_sigma = self._conv1(latent_channels)
+        self.post_quant_conv = self._conv1(latent_channels)
+        self.latent_channels = latent_channels
+        self.use_checkpoint = use_checkpoint
+        self.register_state_dict_post_hook(_record_factors)
+        self.register_load_state_dict_pre_hook(_check_factors)
+
+    def _conv1(self, channels: int) -> Convolution:
+        return Convolution(
+            spatial_dims=self.spatial_dims,
+            in_channels=channels,
+            out_channels=channels,
+            strides=1,
+            kernel_size=1,
+            padding=0,
+            conv_only=True,
+        )
+
+    @property
+    def total_factor(self) -> tuple[int, ...]:
+        """Total downsampling per spatial axis (the product of the per-level factors)."""
+        return total_factor(self.downsample_factors)
+
+    @property
+    def spatial_multiple(self) -> tuple[int, ...]:
+        """What every input spatial size must be divisible by, per axis (``DivisiblePadd``'s ``k``)."""
+        return self.total_factor
+
+    @property
+    def is_monai_default(self) -> bool:
+        """True when the network is MONAI's AutoencoderKL (strided layout, factor 2 everywhere)."""
+        return self.layout == "strided" and all(set(f) == {2} for f in self.downsample_factors)
+
+    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Latent spatial shape for an input of ``spatial_shape``; raises if it is not divisible."""
+        self._check_divisible(tuple(spatial_shape))
+        return tuple(s // f for s, f in zip(spatial_shape, self.total_factor))
+
+    def _check_divisible(self, spatial_shape: tuple[int, ...]) -> None:
+        if len(spatial_shape) != self.spatial_dims:
+            raise ValueError(
+                f"input spatial shape {spatial_shape} has {len(spatial_shape)} axes, expected spatial_dims={self.spatial_dims}."
+            )
+        if any(s % m for s, m in zip(spatial_shape, self.spatial_multiple)):
+            raise ValueError(
+                f"input spatial shape {spatial_shape} is not divisible by {self.spatial_multiple}, the total "
+                f"downsampling factor per axis of downsample_factors {_fmt(self.downsample_factors)}; pad the input "
+                f"(e.g. DivisiblePadd(k={list(self.spatial_multiple)})) or crop it."
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self._check_divisible(tuple(x.shape[2:]))
+        return super().encode(x)
+
+
+def _fmt(factors: Factors) -> str:
+    """Factors as a user wrote them: ``(4, 2)`` when isotropic, per-axis lists otherwise."""
+    if all(len(set(f)) == 1 for f in factors):
+        return str(tuple(f[0] for f in factors))
+    return str([list(f) for f in factors])
+
+
+def _record_factors(module: FactorAutoencoderKL, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if not module.is_monai_default:
+        state_dict[prefix + _FACTORS_KEY] = torch.tensor(module.downsample_factors, dtype=torch.int64)
+        state_dict[prefix + _LAYOUT_KEY] = torch.tensor(list(module.layout.encode()), dtype=torch.uint8)
+
+
+def _check_factors(
+    module: FactorAutoencoderKL,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """Refuse a state dict recorded with other factors or layout, naming both sides."""
+    factors_t = state_dict.pop(prefix + _FACTORS_KEY, None)
+    layout_t = state_dict.pop(prefix + _LAYOUT_KEY, None)
+    if factors_t is None:
+        theirs = (tuple((2,) * module.spatial_dims for _ in module.downsample_factors), "strided")
+        origin = " (no factors recorded: MONAI's default)"
+    else:
+        theirs = (
+            tuple(tuple(int(v) for v in row) for row in factors_t.tolist()),
+            bytes(layout_t.tolist()).decode() if layout_t is not None else "strided",
+        )
+        origin = ""
+    ours = (module.downsample_factors, module.layout)
+    if theirs != ours:
+        msg = (
+            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}{origin}, but this "
+            f"network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}."
+        )
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg + " Loading the matching weights only (strict=False).", stacklevel=2)
+
+
+class Reconstructor(nn.Module):
+    """An autoencoder as one tensor in, one tensor out: the deterministic reconstruction (decoded
+    ``z_mu``) in float32. For sliding-window inference, metrics, ``verify_net_in_out`` and TorchScript
+    export; its state dict is the autoencoder's own, so the autoencoder's checkpoints load into it."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.reconstruct(x).float()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
+        return self.autoencoder.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        return self.autoencoder.load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,125 @@
+"""MLflow tracking beyond what MONAI's ``MLFlowHandler`` logs by itself: the resolved config and a
+preview PNG of original vs reconstruction at each validation."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+
+from scripts.checkpoints import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def is_rank0() -> bool:
+    """True on the process that writes checkpoints, logs and MLflow records."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def export_config(path: str | Path) -> str:
+    """Write the config being run (all files merged, command-line overrides applied) to ``path``.
+
+    MONAI hands a config expression no reference to its parser, so the parser is found on the call
+    stack: the one evaluating this expression. This is what ``--tracking mlflow`` saves as its
+    ``save_execute_config`` artifact; we save it without needing that flag.
+    """
+    parser = next(
+        (f.frame.f_locals["self"] for f in inspect.stack() if isinstance(f.frame.f_locals.get("self"), ConfigParser)),
+        None,
+    )
+    if parser is None:
+        raise RuntimeError("export_config must be called from a bundle config expression.")
+    if is_rank0():
+        with atomic_path(path) as tmp:
+            ConfigParser.export_config_file(parser.get(), tmp, fmt="yaml" if str(path).endswith((".yaml", ".yml")) else "json")
+    return str(path)
+
+
+def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """The three orthogonal mid-slices of a (C, X, Y, Z) volume's first channel."""
+    v = volume[0]
+    return [np.rot90(v[v.shape[0] // 2]), np.rot90(v[:, v.shape[1] // 2]), np.rot90(v[:, :, v.shape[2] // 2])]
+
+
+def save_preview(image: np.ndarray, reconstruction: np.ndarray, path: str | Path, title: str = "") -> None:
+    """PNG with the original's mid-slices above the reconstruction's, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    for row, (name, vol) in enumerate((("original", image), ("reconstruction", reconstruction))):
+        for col, sl in enumerate(_mid_slices(vol)):
+            axes[row, col].imshow(sl, cmap="gray", vmin=0, vmax=1)
+            axes[row, col].set_axis_off()
+        axes[row, 0].set_title(name, loc="left")
+    fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+class ReconstructionPreview:
+    """Evaluator handler: at each validation, a PNG of the first validation volume and its
+    reconstruction, kept in ``output_dir`` and logged as an MLflow artifact of the run."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        enabled: bool = True,
+    ):
+        self.output_dir = Path(output_dir)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.enabled = enabled
+        self._pair: tuple[np.ndarray, np.ndarray] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._grab)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._pair = None
+
+    def _grab(self, engine: Engine) -> None:
+        if self._pair is None:
+            item = engine.state.output[0]
+            self._pair = tuple(np.asarray(torch.as_tensor(item[k]).float().cpu()) for k in ("image", "pred"))
+
+    def _write(self, engine: Engine) -> None:
+        if self._pair is None or not is_rank0():
+            return
+        epoch = engine.state.epoch  # ValidationHandler runs the evaluator at the trainer's epoch
+        path = self.output_dir / "previews" / f"reconstruction_epoch{epoch:04d}.png"
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in engine.state.metrics.items())
+        save_preview(*self._pair, path, title=f"epoch {epoch}: {metrics}")
+        if self.tracking_uri is not None:
+            log_artifact(self.tracking_uri, self.experiment_name, self.run_name, path, "previews")
+
+
+def log_artifact(tracking_uri: str, experiment_name: str, run_name: str, path: str | Path, artifact_path: str) -> None:
+    """Log a file to the MLflow run named ``run_name`` (the one MONAI's ``MLFlowHandler`` opened)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"
+    )
+    if not runs:
+        logger.warning(f"no MLflow run named {run_name!r} in experiment {experiment_name!r}; {path} not logged.")
+        return
+    client.log_artifact(runs[0].info.run_id, str(path), artifact_path=artifact_path)
