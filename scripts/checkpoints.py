@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ class AtomicCheckpointSaver:
     then rewrites a fixed filename, which a killed run can leave empty or missing).
 
     Attached to a trainer, it writes ``filename`` every ``save_interval`` epochs and at completion,
-    adding the trainer's own state (epoch, iteration) under ``"trainer"``: the resume point. With
+    adding the trainer's own state (epoch, iteration) under ``"trainer"`` and the trainer attributes
+    named in ``engine_attributes`` (its gradient scalers): the resume point. With
     ``key_metric_name``, attached to an evaluator, it writes when that metric improves (the best
     model). ``save_dict`` values are objects with ``state_dict`` (networks, optimizers, scalers,
     another saver) or primitives (network arguments, the latent scale factor).
@@ -134,9 +135,11 @@ class AtomicCheckpointSaver:
         filename: str,
         save_interval: int = 1,
         key_metric_name: str | None = None,
+        engine_attributes: Sequence[str] = ("scaler",),
         enabled: bool = True,
     ) -> None:
         self.path = Path(save_dir) / filename
+        self.engine_attributes = tuple(engine_attributes)
         self.save_dict = save_dict
         self.save_interval = save_interval
         self.key_metric_name = key_metric_name
@@ -169,6 +172,7 @@ class AtomicCheckpointSaver:
         objects = dict(self.save_dict)
         if trainer is not None:
             objects["trainer"] = trainer
+            objects.update({name: getattr(trainer, name) for name in self.engine_attributes if hasattr(trainer, name)})
         save_atomic({k: _state(v) for k, v in objects.items()}, self.path)
         logger.info(f"saved {self.path}")
 
@@ -181,13 +185,21 @@ class AtomicCheckpointSaver:
 
 class ResumeFromCheckpoint:
     """Trainer handler that continues a run from a checkpoint of :class:`AtomicCheckpointSaver`:
-    networks, optimizers, scalers, best metric and the trainer's epoch and iteration, after checking
-    the saved network arguments against the configured ones. ``path=None`` does nothing."""
+    networks, optimizers, best metric, the trainer's epoch and iteration and its ``engine_attributes``
+    (gradient scalers), after checking the saved network arguments against the configured ones.
+    ``path=None`` does nothing."""
 
-    def __init__(self, path: str | Path | None, load_dict: Mapping[str, Any], args: Mapping[str, Mapping] | None = None):
+    def __init__(
+        self,
+        path: str | Path | None,
+        load_dict: Mapping[str, Any],
+        args: Mapping[str, Mapping] | None = None,
+        engine_attributes: Sequence[str] = ("scaler",),
+    ):
         self.path = path
         self.load_dict = load_dict
         self.args = args or {}
+        self.engine_attributes = tuple(engine_attributes)
 
     def check(self) -> None:
         """Validate the checkpoint before training starts (called from the config's ``initialize``)."""
@@ -209,6 +221,9 @@ class ResumeFromCheckpoint:
         ckpt = load_checkpoint(self.path, "resume_from checkpoint")
         for key, obj in self.load_dict.items():
             obj.load_state_dict(ckpt[key])
+        for name in self.engine_attributes:
+            if name in ckpt and getattr(engine, name, None) is not None:
+                getattr(engine, name).load_state_dict(ckpt[name])
         max_epochs = engine.state.max_epochs
         engine.load_state_dict(ckpt["trainer"])
         if engine.state.epoch > max_epochs:

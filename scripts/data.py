@@ -6,13 +6,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset, load_decathlon_datalist
-from monai.transforms import MapTransform, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+import torch
+from monai.transforms import (
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    InvertibleTransform,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Spacingd,
+)
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+from monai.utils import TraceKeys
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import zoom as zoom_array
 
@@ -85,7 +98,15 @@ def make_demo_dataset(dataset_dir: str | Path, num_volumes: int = 8, seed: int =
 
 
 def load_datalist(dataset_dir: str | Path, in_channels: int = 1, demo_dir: str | Path | None = None) -> list[dict]:
-    """The volumes to use, as ``[{"image": path}, ...]``, checked before any training starts.
+    """The volumes to train on, as ``[{"image": path}, ...]``, each checked before training starts."""
+    items = list_volumes(dataset_dir, demo_dir)
+    for item in items:
+        check_volume(item["image"], in_channels)
+    return items
+
+
+def list_volumes(dataset_dir: str | Path, demo_dir: str | Path | None = None) -> list[dict]:
+    """The volumes of ``dataset_dir`` as ``[{"image": path}, ...]``.
 
     ``dataset_dir`` is a folder of ``*.nii``/``*.nii.gz`` volumes, a folder holding one datalist JSON in
     the Medical Segmentation Decathlon form, or that JSON itself. If it is ``demo_dir``, the demo
@@ -110,8 +131,6 @@ def load_datalist(dataset_dir: str | Path, in_channels: int = 1, demo_dir: str |
             items = [{"image": str(p)} for p in sorted(root.iterdir()) if _is_nifti(p)]
     if not items:
         raise ValueError(f"dataset_dir '{root}' holds no .nii/.nii.gz volumes and no datalist JSON with a 'training' list.")
-    for item in items:
-        check_volume(item["image"], in_channels)
     return items
 
 
@@ -179,20 +198,101 @@ def check_patch_size(patch_size: Sequence[int], multiple: Sequence[int], spatial
     return [int(p) for p in patch_size]
 
 
-def intensity_transform(
-    keys: str | Sequence[str],
+class NormalizeIntensityd(MapTransform, InvertibleTransform):
+    """Scale intensities to [0, 1], clipped: per-volume percentiles for MRI, a fixed HU window for CT.
+
+    The range used is recorded with the image, so ``Invertd`` maps a reconstruction back to the
+    input's own intensity units.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        modality: str = "mri",
+        percentiles: Sequence[float] = (0.5, 99.5),
+        ct_window: Sequence[float] = (-1000.0, 1000.0),
+    ) -> None:
+        super().__init__(keys)
+        if modality not in ("mri", "ct"):
+            raise ValueError(f"modality must be 'mri' (per-volume percentiles) or 'ct' (fixed HU window), got {modality!r}.")
+        self.modality = modality
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.ct_window = tuple(float(w) for w in ct_window)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if self.modality == "mri":
+                low, high = (float(percentile(image, q)) for q in self.percentiles)
+            else:
+                low, high = self.ct_window
+            high = max(high, low + 1e-6)  # a constant volume maps to 0
+            d[key] = ((image - low) / (high - low)).clamp(0.0, 1.0)
+            self.push_transform(d, key, extra_info={"low": low, "high": high})
+        return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            info = self.pop_transform(d, key)[TraceKeys.EXTRA_INFO]
+            d[key] = d[key] * (info["high"] - info["low"]) + info["low"]
+        return d
+
+
+class CheckVolumed(MapTransform):
+    """Refuse, by its path, a volume that is not 3D or has the wrong number of channels (header only)."""
+
+    def __init__(self, keys: str | Sequence[str], in_channels: int = 1) -> None:
+        super().__init__(keys)
+        self.in_channels = in_channels
+
+    def __call__(self, data: Mapping) -> Mapping:
+        for key in self.key_iterator(data):
+            check_volume(data[key], self.in_channels)
+        return data
+
+
+class CheckFinited(MapTransform):
+    """Refuse a loaded volume with NaN or infinite values, naming its file."""
+
+    def __call__(self, data: Mapping) -> Mapping:
+        for key in self.key_iterator(data):
+            image = data[key]
+            if not torch.isfinite(torch.as_tensor(image)).all():
+                name = getattr(image, "meta", {}).get("filename_or_obj", key)
+                raise ValueError(f"volume '{name}' contains NaN or infinite values.")
+        return data
+
+
+def preprocessing(
+    in_channels: int,
+    spacing: Sequence[float] | None,
     modality: str,
-    percentiles: Sequence[float] = (0.5, 99.5),
-    ct_window: Sequence[float] = (-1000.0, 1000.0),
-) -> MapTransform:
-    """Intensity normalisation to [0, 1]: per-volume percentiles for MRI, a fixed HU window for CT."""
-    if modality == "mri":
-        lower, upper = percentiles
-        return ScaleIntensityRangePercentilesd(keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True)
-    if modality == "ct":
-        a_min, a_max = ct_window
-        return ScaleIntensityRanged(keys, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
-    raise ValueError(f"modality must be 'mri' (per-volume percentiles) or 'ct' (fixed HU window), got {modality!r}.")
+    percentiles: Sequence[float],
+    ct_window: Sequence[float],
+    multiple: Sequence[int],
+    keys: str = "image",
+) -> list:
+    """The one preprocessing chain of training, validation and inference: check, load, channel
+    first, RAS, optional resampling, intensity to [0, 1], foreground crop, pad to the network's
+    multiple. Every spatial step is invertible, so reconstructions return to the input geometry."""
+    transforms = [
+        CheckVolumed(keys, in_channels),
+        LoadImaged(keys, image_only=True),
+        CheckFinited(keys),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if spacing is not None:
+        transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))
+    transforms += [
+        NormalizeIntensityd(keys, modality, percentiles, ct_window),
+        CropForegroundd(keys, source_key=keys, allow_smaller=True),
+        DivisiblePadd(keys, k=multiple),
+        EnsureTyped(keys, dtype=torch.float32),
+    ]
+    return transforms
 
 
 def make_dataset(data: Sequence[dict], transform, cache: str = "memory", cache_dir: str | None = None, num_workers: int = 0):

@@ -34,15 +34,9 @@ def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> t
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16' or null, got {mixed_precision!r}.")
     if mixed_precision is not None and torch.device(device).type != "cuda":
-        logger.info(f"mixed_precision {mixed_precision!r} is ignored on {torch.device(device)}: training in float32.")
+        logger.info(f"mixed_precision {mixed_precision!r} is ignored on {torch.device(device)}: running in float32.")
         return None
     return PRECISIONS[mixed_precision]
-
-
-def make_grad_scaler(mixed_precision: str | None, device: torch.device | str) -> torch.amp.GradScaler:
-    """A gradient scaler, enabled only for fp16 on a GPU (bf16 and float32 need none)."""
-    enabled = mixed_precision == "fp16" and torch.device(device).type == "cuda"
-    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -148,8 +142,6 @@ class AutoencoderKLTrainer(Trainer):
         perceptual_weight: float = 0.0,
         accumulation_steps: int = 1,
         amp_dtype: torch.dtype | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        d_scaler: torch.amp.GradScaler | None = None,
         epoch_length: int | None = None,
         inferer: Inferer | None = None,
         train_handlers: Sequence | None = None,
@@ -187,9 +179,10 @@ class AutoencoderKLTrainer(Trainer):
         self.accumulation_steps = accumulation_steps
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.amp_dtype = amp_dtype
-        fp16 = "fp16" if amp_dtype == torch.float16 else None
-        self.scaler = make_grad_scaler(fp16, device) if scaler is None else scaler
-        self.d_scaler = make_grad_scaler(fp16, device) if d_scaler is None else d_scaler
+        # loss scaling for fp16 only; checkpoints keep both scalers (engine_attributes of the saver)
+        fp16 = amp_dtype == torch.float16 and torch.device(device).type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.d_scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def run(self) -> None:  # type: ignore[override]
@@ -272,11 +265,24 @@ class AutoencoderKLTrainer(Trainer):
         return output
 
 
-def compute_scale_factor(
-    autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, max_batches: int | None = None
+def latent_scale_factor(
+    autoencoder: nn.Module,
+    data_loader: Iterable,
+    device: torch.device | str,
+    max_batches: int | None = None,
+    resume_from: str | None = None,
 ) -> float:
     """1 / std of the autoencoder's latents over the training data: the latent scale factor of
-    ``LatentDiffusionInferer`` (Rombach et al.), computed once at the start of diffusion training."""
+    ``LatentDiffusionInferer`` (Rombach et al.). Computed once at the start of diffusion training and
+    saved with the diffusion model; a resumed run reuses the saved value."""
+    if resume_from is not None:
+        from scripts.checkpoints import load_checkpoint
+
+        scale = load_checkpoint(resume_from, "resume_from checkpoint").get("scale_factor")
+        if scale is None:
+            raise ValueError(f"resume_from checkpoint '{resume_from}' holds no scale_factor; is it a diffusion checkpoint?")
+        logger.info(f"latent scale factor {float(scale):.6f}, from {resume_from}")
+        return float(scale)
     autoencoder.eval()
     total, total_sq, count = 0.0, 0.0, 0
     with torch.no_grad():
@@ -294,6 +300,18 @@ def compute_scale_factor(
     scale = 1.0 / std
     logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {count} latent values)")
     return scale
+
+
+def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequence[int]) -> list[int]:
+    """The latent spatial shape, if the diffusion UNet can halve it once per level below the top."""
+    multiple = 2 ** (len(diffusion_channels) - 1)
+    if any(s % multiple for s in latent_shape):
+        raise ValueError(
+            f"the latent shape {list(latent_shape)} (patch_size over the total factor) is not divisible by "
+            f"{multiple}, which the diffusion UNet with diffusion_channels {list(diffusion_channels)} needs; "
+            f"use a larger patch_size, smaller downsample_factors, or fewer diffusion levels."
+        )
+    return list(latent_shape)
 
 
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -405,7 +404,8 @@ class FactorAutoencoderKL(AutoencoderKL):
     The other arguments are MONAI's. ``encode``/``decode``/``sampling``/``reconstruct``/
     ``encode_stage_2_inputs``/``decode_stage_2_outputs`` are MONAI's, so ``LatentDiffusionInferer``
     works unchanged. Networks with non-default factors or layout record them in their state dict, and
-    loading a state dict recorded with other factors fails with an error that names both.
+    loading a state dict recorded with other factors fails with an error that names both (with
+    ``strict=False`` too: drop the two entries yourself to transplant weights on purpose).
     """
 
     def __init__(
@@ -554,7 +554,8 @@ def _check_factors(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
-    """Refuse a state dict recorded with other factors or layout, naming both sides."""
+    """Refuse a state dict recorded with other factors or layout, naming both sides. (PyTorch gives
+    load pre-hooks ``strict=True`` whatever the caller asked, so this refuses in both modes.)"""
     factors_t = state_dict.pop(prefix + _FACTORS_KEY, None)
     layout_t = state_dict.pop(prefix + _LAYOUT_KEY, None)
     if factors_t is None:
@@ -567,20 +568,18 @@ def _check_factors(
         )
         origin = ""
     ours = (module.downsample_factors, module.layout)
-    if theirs != ours:
-        msg = (
+    if theirs != ours:  # also with strict=False: weights of other factors are never what was meant
+        raise ValueError(
             f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}{origin}, but this "
             f"network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}."
         )
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg + " Loading the matching weights only (strict=False).", stacklevel=2)
 
 
 class Reconstructor(nn.Module):
     """An autoencoder as one tensor in, one tensor out: the deterministic reconstruction (decoded
     ``z_mu``) in float32. For sliding-window inference, metrics, ``verify_net_in_out`` and TorchScript
-    export; its state dict is the autoencoder's own, so the autoencoder's checkpoints load into it."""
+    export; its state dict is the autoencoder's own, so the autoencoder's checkpoints load into it.
+    Use it as the top-level module (nested in another module its keys would not round-trip)."""
 
     def __init__(self, autoencoder: AutoencoderKL) -> None:
         super().__init__()

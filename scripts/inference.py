@@ -1,0 +1,287 @@
+"""Inference on NIfTI volumes: reconstructions (and latents) of given scans, and new volumes sampled
+from the latent diffusion model. One bad file never stops the others: each outcome is a row of the
+run's CSV, and the run's exit status says whether anything failed."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer, LatentDiffusionInferer
+from monai.metrics import PSNRMetric, SSIMMetric
+
+from scripts.checkpoints import atomic_path, save_atomic
+from scripts.data import save_nifti_atomic
+
+logger = logging.getLogger(__name__)
+
+CSV_FIELDS = ("file", "status", "psnr", "ssim", "seconds", "output", "latent", "error")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of a chained error (MONAI wraps transform errors several times)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+class SafeDataset(Dataset):
+    """A MONAI ``Dataset`` whose failing items become error records instead of exceptions, so a
+    corrupt file is reported and the next one is processed."""
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as e:
+            return {"error": _root_cause(e), "image_path": str(self.data[index]["image"])}
+
+
+def unique_path(path: str | Path) -> Path:
+    """``path``, or ``name_1``, ``name_2``, ... beside it: outputs never overwrite an existing file."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)]
+    candidate, i = path, 0
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{stem}_{i}{suffix}")
+    return candidate
+
+
+def _stem(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+class ResultsCSV:
+    """The per-file results table, rewritten atomically after each file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def add(self, **row: Any) -> None:
+        self.rows.append({k: row.get(k, "") for k in CSV_FIELDS})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        with atomic_path(self.path) as tmp:
+            Path(tmp).write_text(buffer.getvalue())
+
+    @property
+    def failures(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+
+class LatentEncoder(nn.Module):
+    """The autoencoder's encoder as one tensor in, ``z_mu`` out, for sliding-window encoding."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(x)[0].float()
+
+
+class ReconstructionEvaluator(SupervisedEvaluator):
+    """Encode and decode every volume of ``val_data_loader`` (a :class:`SafeDataset` with batch size 1
+    and ``no_collation``), write the reconstruction in the input's own geometry and intensity units
+    (``postprocessing`` holds the ``Invertd``), optionally the latent ``z_mu``, and a CSV of PSNR and
+    SSIM (on the normalised [0, 1] volume) and time per file. Large volumes go through ``inferer``
+    (sliding windows with Gaussian blending) so memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Any,
+        network: nn.Module,
+        inferer: Inferer,
+        postprocessing: Callable,
+        output_dir: str | Path,
+        latent_inferer: Inferer | None = None,
+        save_latent: str | None = None,
+        amp_dtype: torch.dtype | None = None,
+        val_handlers: Sequence | None = None,
+    ) -> None:
+        if save_latent not in (None, "nifti", "pt"):
+            raise ValueError(f"save_latent must be null, 'nifti' or 'pt', got {save_latent!r}.")
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            network=network,
+            inferer=inferer,
+            postprocessing=None,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.invert = postprocessing
+        self.output_dir = Path(output_dir)
+        self.latent_inferer = latent_inferer or inferer
+        self.save_latent = save_latent
+        self.amp_dtype = amp_dtype
+        self.results = ResultsCSV(unique_path(self.output_dir / "reconstruction_metrics.csv"))
+        self.psnr = PSNRMetric(max_val=1.0)
+        self.ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+
+    def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
+        (item,) = batchdata
+        start = time.perf_counter()
+        if "error" in item:
+            logger.error(f"{item['image_path']}: {item['error']}")
+            self.results.add(file=item["image_path"], status="failed", error=item["error"])
+            return {}
+        path = item["image"].meta.get("filename_or_obj", "")
+        try:
+            row = self._reconstruct(item, path)
+        except Exception as e:
+            logger.error(f"{path}: {_root_cause(e)}")
+            row = {"file": path, "status": "failed", "error": _root_cause(e)}
+        row["seconds"] = f"{time.perf_counter() - start:.3f}"
+        self.results.add(**row)
+        return {}
+
+    def _reconstruct(self, item: dict, path: str) -> dict:
+        image = item["image"]
+        x = image.as_tensor().unsqueeze(0).to(self.state.device)
+        self.network.eval()
+        with torch.no_grad(), self._autocast():
+            recon = self.inferer(x, self.network).float().clamp(0, 1)
+        psnr = float(self.psnr(recon, x).mean())
+        ssim = float(self.ssim(recon, x).mean()) if min(x.shape[2:]) >= 11 else float("nan")
+        out = self.invert({"image": image, "pred": MetaTensor(recon[0].cpu())})["pred"]
+        output = unique_path(self.output_dir / f"{_stem(path)}_recon.nii.gz")
+        save_nifti_atomic(out[0].numpy().astype(np.float32), out.affine.numpy(), output)
+        row = {"file": path, "status": "ok", "psnr": f"{psnr:.4f}", "ssim": f"{ssim:.4f}", "output": str(output)}
+        if self.save_latent is not None:
+            row["latent"] = str(self._write_latent(x, image, path))
+        return row
+
+    def _write_latent(self, x: torch.Tensor, image: MetaTensor, path: str) -> Path:
+        autoencoder = self.network.autoencoder
+        with torch.no_grad(), self._autocast():
+            z_mu = self.latent_inferer(x, LatentEncoder(autoencoder)).float()[0].cpu()
+        # a latent voxel summarises a block of `factor` input voxels: its centre sets the affine
+        factor = autoencoder.total_factor
+        scale = np.diag([*factor, 1.0]).astype(np.float64)
+        scale[:3, 3] = [(f - 1) / 2 for f in factor]
+        affine = image.affine.numpy() @ scale
+        if self.save_latent == "pt":
+            target = unique_path(self.output_dir / f"{_stem(path)}_latent.pt")
+            save_atomic({"z_mu": z_mu, "affine": torch.as_tensor(affine)}, target)
+        else:
+            target = unique_path(self.output_dir / f"{_stem(path)}_latent.nii.gz")
+            save_nifti_atomic(np.moveaxis(z_mu.numpy(), 0, -1), affine, target)
+        return target
+
+
+class GenerationEvaluator(SupervisedEvaluator):
+    """Sample one volume per item of ``val_data_loader`` (``{"index": i}``): noise of the latent shape
+    from a generator seeded by ``(seed, i)``, DDIM through ``LatentDiffusionInferer.sample`` (which
+    divides by the latent scale factor saved with the diffusion model), decode, and write NIfTI with
+    the training voxel spacing. The same seed writes the same volumes."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Any,
+        network: nn.Module,
+        autoencoder: nn.Module,
+        inferer: LatentDiffusionInferer,
+        scheduler: Any,
+        latent_shape: Sequence[int],
+        output_dir: str | Path,
+        spacing: Sequence[float] | None,
+        seed: int = 0,
+        amp_dtype: torch.dtype | None = None,
+        val_handlers: Sequence | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            network=network,
+            inferer=inferer,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+        self.autoencoder = autoencoder
+        self.scheduler = scheduler
+        self.latent_shape = tuple(latent_shape)
+        self.output_dir = Path(output_dir)
+        self.spacing = tuple(spacing) if spacing is not None else (1.0,) * (len(self.latent_shape) - 1)
+        self.seed = seed
+        self.amp_dtype = amp_dtype
+        self.results = ResultsCSV(unique_path(self.output_dir / "generated.csv"))
+
+    def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
+        (item,) = batchdata
+        index = int(item["index"])
+        start = time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + index)
+        noise = torch.randn((1, *self.latent_shape), generator=generator).to(self.state.device)
+        self.network.eval()
+        self.autoencoder.eval()
+        autocast = (
+            torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            image = self.inferer.sample(
+                input_noise=noise,
+                autoencoder_model=self.autoencoder,
+                diffusion_model=self.network,
+                scheduler=self.scheduler,
+                verbose=False,
+            )
+        volume = image.float().clamp(0, 1)[0, 0].cpu().numpy()
+        affine = np.diag([*self.spacing, 1.0])
+        affine[:3, 3] = [-(n - 1) * s / 2 for n, s in zip(volume.shape, self.spacing)]
+        output = unique_path(self.output_dir / f"sample_seed{self.seed}_{index:04d}.nii.gz")
+        save_nifti_atomic(volume, affine, output)
+        self.results.add(file=str(index), status="ok", seconds=f"{time.perf_counter() - start:.3f}", output=str(output))
+        logger.info(f"wrote {output}")
+        return {}
+
+
+def finish(evaluator: Any) -> None:
+    """End the run: a summary line, and exit status 1 if any file failed (the CSV says which)."""
+    failures = evaluator.results.failures
+    total = len(evaluator.results.rows)
+    logger.info(f"{total - len(failures)} of {total} done; results in {evaluator.results.path}")
+    if failures:
+        logger.error(f"{len(failures)} of {total} failed: " + "; ".join(f"{r['file']}: {r['error']}" for r in failures))
+        raise SystemExit(1)
+
+
+def latent_noise_shape(latent_channels: int, spatial_shape: Sequence[int], multiple: Sequence[int]) -> list[int]:
+    """The latent shape (channels first) that decodes to ``spatial_shape``, refusing sizes the
+    network cannot produce."""
+    if any(s % m for s, m in zip(spatial_shape, multiple)):
+        raise ValueError(
+            f"image_size {list(spatial_shape)} is not divisible by {list(multiple)}, the total factor per axis; "
+            f"use e.g. {[math.ceil(s / m) * m for s, m in zip(spatial_shape, multiple)]}."
+        )
+    return [latent_channels, *(s // m for s, m in zip(spatial_shape, multiple))]

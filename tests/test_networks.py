@@ -1,0 +1,569 @@
+"""Tests for scripts/networks.py: the factor-aware AutoencoderKL and its building blocks.
+
+Every network here is tiny (8/16 channels, one res block, no attention unless the test is about
+attention) and every input is the smallest size the total factor allows, so the file runs on a
+2-core CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.inferers import LatentDiffusionInferer
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets.autoencoderkl import AEKLDownsample
+from monai.networks.schedulers import DDPMScheduler
+
+from scripts import networks
+from scripts.networks import (
+    DepthToSpace,
+    FactorAutoencoderKL,
+    FactorDownsample,
+    Reconstructor,
+    SpaceToDepth,
+    total_factor,
+)
+
+LAYOUTS = ("strided", "space_to_depth")
+TINY = dict(
+    num_res_blocks=1,
+    norm_num_groups=8,
+    latent_channels=3,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+)
+
+
+def tiny_kwargs(spatial_dims: int, channels=(8, 16, 16), **overrides) -> dict:
+    kwargs = dict(TINY, spatial_dims=spatial_dims, channels=channels, attention_levels=(False,) * len(channels))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_ae(spatial_dims: int, factors=None, layout: str = "strided", channels=(8, 16, 16), seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return FactorAutoencoderKL(
+        downsample_factors=factors, layout=layout, **tiny_kwargs(spatial_dims, channels, **overrides)
+    )
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# (spatial_dims, downsample_factors, channels, total factor per axis, input spatial shape)
+# Input shapes are the total factor times a small multiplier that differs per axis, so a swapped
+# axis would show in the shapes.
+SHAPE_CASES = [
+    (2, [2, 2], (8, 16, 16), (4, 4), (8, 4)),
+    (2, [4, 2], (8, 16, 16), (8, 8), (16, 8)),
+    (2, [8, 2], (8, 16, 16), (16, 16), (32, 16)),
+    (2, [4, 4], (8, 16, 16), (16, 16), (32, 16)),
+    (2, [2, 2, 2], (8, 16, 16, 16), (8, 8), (16, 8)),
+    (2, [[2, 1], [2, 2]], (8, 16, 16), (4, 2), (8, 4)),
+    (3, [2, 2], (8, 16, 16), (4, 4, 4), (4, 8, 4)),
+    (3, [4, 2], (8, 16, 16), (8, 8, 8), (8, 16, 8)),
+    (3, [8, 2], (8, 16, 16), (16, 16, 16), (16, 32, 16)),
+    (3, [4, 4], (8, 16, 16), (16, 16, 16), (16, 32, 16)),
+    (3, [2, 2, 2], (8, 16, 16, 16), (8, 8, 8), (8, 16, 8)),
+    (3, [[2, 2, 1], [2, 2, 2]], (8, 16, 16), (4, 4, 2), (4, 8, 2)),
+]
+SHAPE_IDS = [f"{d}d-{f}".replace(" ", "") for d, f, *_ in SHAPE_CASES]
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes of latents and outputs, both layouts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spatial_dims,factors,channels,total,spatial", SHAPE_CASES, ids=SHAPE_IDS)
+def test_forward_shapes(spatial_dims, factors, channels, total, spatial, layout):
+    ae = make_ae(spatial_dims, factors, layout, channels)
+    x = torch.randn(2, 1, *spatial)
+    recon, z_mu, z_sigma = ae(x)
+    latent = tuple(s // t for s, t in zip(spatial, total))
+    assert z_mu.shape == (2, 3, *latent)
+    assert z_sigma.shape == (2, 3, *latent)
+    assert recon.shape == x.shape
+    assert torch.isfinite(recon).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spatial_dims,factors,channels,total,spatial", SHAPE_CASES, ids=SHAPE_IDS)
+def test_helpers_agree_with_encoder(spatial_dims, factors, channels, total, spatial, layout):
+    ae = make_ae(spatial_dims, factors, layout, channels)
+    assert ae.total_factor == total
+    assert ae.spatial_multiple == total
+    assert total_factor(ae.downsample_factors) == total
+    z_mu, z_sigma = ae.encode(torch.randn(1, 1, *spatial))
+    assert ae.latent_shape(spatial) == tuple(z_mu.shape[2:]) == tuple(z_sigma.shape[2:])
+
+
+def test_total_factor_function():
+    assert total_factor(((4, 4, 4), (2, 2, 1))) == (8, 8, 4)
+    assert total_factor(((2, 3), (5, 1), (1, 7))) == (10, 21)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_latent_shape_rejects_non_divisible(layout):
+    ae = make_ae(3, [4, 2], layout)  # needs multiples of 8
+    with pytest.raises(ValueError, match="not divisible"):
+        ae.latent_shape((16, 16, 12))
+    with pytest.raises(ValueError, match="axes"):
+        ae.latent_shape((16, 16))
+    aniso = make_ae(3, [[2, 2, 1], [2, 2, 2]], layout)  # needs multiples of (4, 4, 2)
+    assert aniso.latent_shape((8, 4, 6)) == (2, 1, 3)
+    with pytest.raises(ValueError, match="not divisible"):
+        aniso.latent_shape((8, 4, 3))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_factor_one_keeps_resolution(layout):
+    ae = make_ae(3, [1, 2], layout)
+    x = torch.randn(1, 1, 4, 6, 2)
+    recon, z_mu, _ = ae(x)
+    assert ae.total_factor == (2, 2, 2)
+    assert z_mu.shape == (1, 3, 2, 3, 1)
+    assert recon.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "spatial_dims,factors,layout,spatial",
+    [
+        (3, [4, 2], "strided", (8, 16, 8)),
+        (3, [4, 2], "space_to_depth", (8, 16, 8)),
+        (3, [[2, 2, 1], [2, 2, 2]], "strided", (4, 8, 2)),
+        (3, [[2, 2, 1], [2, 2, 2]], "space_to_depth", (4, 8, 2)),
+        (2, [8, 2], "strided", (32, 16)),
+        (2, [1, 4], "space_to_depth", (8, 4)),
+    ],
+)
+def test_convtranspose_shapes(spatial_dims, factors, layout, spatial):
+    ae = make_ae(spatial_dims, factors, layout, use_convtranspose=True)
+    assert any(isinstance(m, torch.nn.modules.conv._ConvTransposeNd) for m in ae.decoder.modules())
+    x = torch.randn(1, 1, *spatial)
+    recon, z_mu, _ = ae(x)
+    assert z_mu.shape[2:] == ae.latent_shape(spatial)
+    assert recon.shape == x.shape
+
+
+# --------------------------------------------------------------------------------------------
+# Backward compatibility with MONAI's AutoencoderKL
+# --------------------------------------------------------------------------------------------
+
+COMPAT_CONFIGS = {
+    "3d-plain": (tiny_kwargs(3), (8, 8, 8)),
+    "2d-4levels": (tiny_kwargs(2, channels=(8, 16, 16, 16)), (16, 16)),
+    "2d-attention": (
+        tiny_kwargs(
+            2,
+            channels=(8, 16),
+            attention_levels=(False, True),
+            with_encoder_nonlocal_attn=True,
+            with_decoder_nonlocal_attn=True,
+        ),
+        (8, 8),
+    ),
+    "3d-attention": (
+        tiny_kwargs(
+            3,
+            channels=(8, 16),
+            attention_levels=(False, True),
+            with_encoder_nonlocal_attn=True,
+            with_decoder_nonlocal_attn=True,
+        ),
+        (4, 4, 4),
+    ),
+    "3d-convtranspose": (tiny_kwargs(3, use_convtranspose=True), (8, 8, 8)),
+}
+
+
+def _all_twos(kwargs: dict, per_axis: bool):
+    levels = len(kwargs["channels"]) - 1
+    return [[2] * kwargs["spatial_dims"]] * levels if per_axis else [2] * levels
+
+
+@pytest.mark.parametrize("factors", ["omitted", "explicit", "explicit-per-axis"])
+@pytest.mark.parametrize("config", list(COMPAT_CONFIGS))
+def test_monai_compatible_state_dict_and_outputs(config, factors):
+    kwargs, spatial = COMPAT_CONFIGS[config]
+    torch.manual_seed(0)
+    monai_ae = AutoencoderKL(**kwargs).eval()
+    extra = {} if factors == "omitted" else {"downsample_factors": _all_twos(kwargs, factors == "explicit-per-axis")}
+    torch.manual_seed(1)
+    ours = FactorAutoencoderKL(layout="strided", **kwargs, **extra).eval()
+    assert ours.is_monai_default
+
+    monai_sd, our_sd = monai_ae.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(monai_sd)
+    assert {k: v.shape for k, v in our_sd.items()} == {k: v.shape for k, v in monai_sd.items()}
+    if kwargs.get("with_encoder_nonlocal_attn"):
+        assert any(".attn." in k for k in monai_sd)  # the attention blocks' keys are really covered
+
+    ours.load_state_dict(monai_sd)
+    x = torch.randn(2, 1, *spatial)
+    with torch.no_grad():
+        assert max_abs_diff(ours.reconstruct(x), monai_ae.reconstruct(x)) <= 1e-5
+        for a, b in zip(ours.encode(x), monai_ae.encode(x)):
+            assert max_abs_diff(a, b) <= 1e-5
+
+
+def test_factor_two_downsample_is_monai_aekl_downsample():
+    torch.manual_seed(0)
+    ref = AEKLDownsample(spatial_dims=3, in_channels=4)
+    ours = FactorDownsample(3, 4, (2, 2, 2))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 4, 6, 8, 4)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# State-dict guards: factors and layout are recorded and checked
+# --------------------------------------------------------------------------------------------
+
+
+def test_monai_state_dict_refused_by_factor_4_2_network():
+    monai_sd = AutoencoderKL(**tiny_kwargs(3)).state_dict()
+    ae = make_ae(3, [4, 2])
+    with pytest.raises(ValueError) as err:
+        ae.load_state_dict(monai_sd)
+    assert "(2, 2)" in str(err.value) and "(4, 2)" in str(err.value)
+
+
+def test_factor_4_2_state_dict_refused_by_default_network():
+    sd = make_ae(3, [4, 2]).state_dict()
+    default = make_ae(3)
+    with pytest.raises(ValueError) as err:
+        default.load_state_dict(sd)
+    assert "(4, 2)" in str(err.value) and "(2, 2)" in str(err.value)
+
+
+@pytest.mark.parametrize("src,dst", [("space_to_depth", "strided"), ("strided", "space_to_depth")])
+def test_layout_mismatch_refused(src, dst):
+    sd = make_ae(3, [2, 2], src).state_dict()
+    with pytest.raises(ValueError) as err:
+        make_ae(3, [2, 2], dst).load_state_dict(sd)
+    assert "'space_to_depth'" in str(err.value) and "'strided'" in str(err.value)
+
+
+def test_matching_non_default_state_dict_round_trips():
+    src = make_ae(3, [[2, 2, 1], [4, 4, 2]], "space_to_depth", seed=0).eval()
+    dst = make_ae(3, [[2, 2, 1], [4, 4, 2]], "space_to_depth", seed=1).eval()
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(1, 1, 8, 8, 4)
+    with torch.no_grad():
+        assert torch.equal(dst.reconstruct(x), src.reconstruct(x))
+
+
+def test_mismatched_state_dict_is_refused_with_strict_false_too():
+    # Two space_to_depth networks whose factors differ only in which axis is packed first:
+    # every key and shape agrees, so the factor check is the only thing that can object.
+    src = make_ae(3, [[2, 4, 2], 2], "space_to_depth", seed=0)
+    dst = make_ae(3, [[4, 2, 2], 2], "space_to_depth", seed=1)
+    assert {k: v.shape for k, v in src.state_dict().items()} == {k: v.shape for k, v in dst.state_dict().items()}
+    before = [p.clone() for p in dst.parameters()]
+    with pytest.raises(ValueError) as err:
+        dst.load_state_dict(src.state_dict(), strict=False)
+    assert "[[2, 4, 2], [2, 2, 2]]" in str(err.value) and "[[4, 2, 2], [2, 2, 2]]" in str(err.value)
+    assert all(torch.equal(p, q) for p, q in zip(before, dst.parameters())), "nothing may be loaded"
+
+
+# --------------------------------------------------------------------------------------------
+# Downsampling operator and space-to-depth rearrangement
+# --------------------------------------------------------------------------------------------
+
+
+def _input_grad(conv_module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for p in conv_module.parameters():
+            p.copy_(p.abs() + 0.01)  # all-positive kernel: no cancellation can hide a zero
+    x = x.clone().requires_grad_(True)
+    conv_module(x).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize(
+    "spatial_dims,factor,spatial",
+    [
+        (3, (4, 4, 4), (8, 12, 4)),
+        (3, (2, 2, 1), (4, 6, 3)),
+        (3, (3, 3, 3), (6, 9, 3)),
+        (2, (4, 2), (8, 6)),
+    ],
+)
+def test_factor_downsample_reads_every_voxel(spatial_dims, factor, spatial):
+    torch.manual_seed(0)
+    down = FactorDownsample(spatial_dims, 2, factor)
+    x = torch.randn(1, 2, *spatial)
+    assert down(x).shape[2:] == tuple(s // f for s, f in zip(spatial, factor))
+    grad = _input_grad(down, x)
+    assert (grad != 0).all(), f"{(grad == 0).sum().item()} input voxels never reach the output"
+
+
+def test_kernel3_stride4_conv_skips_voxels():
+    # The contrast that makes the test above meaningful: kernel 3 at stride 4 never reads 1 row in 4.
+    torch.manual_seed(0)
+    grad = _input_grad(torch.nn.Conv3d(2, 2, kernel_size=3, stride=4), torch.randn(1, 2, 8, 12, 4))
+    assert (grad == 0).any()
+    assert (grad[:, :, 3::4] == 0).all()
+
+
+@pytest.mark.parametrize("factor,spatial", [((2, 4, 1), (4, 8, 3)), ((3, 1, 2), (6, 5, 4)), ((2, 2), (4, 6))])
+def test_space_to_depth_round_trip(factor, spatial):
+    x = torch.randn(2, 3, *spatial)
+    packed = SpaceToDepth(factor)(x)
+    prod = 1
+    for f in factor:
+        prod *= f
+    assert packed.shape == (2, 3 * prod, *(s // f for s, f in zip(spatial, factor)))
+    assert torch.equal(DepthToSpace(factor)(packed), x)
+    y = torch.randn_like(packed)
+    assert torch.equal(SpaceToDepth(factor)(DepthToSpace(factor)(y)), y)
+
+
+def test_space_to_depth_channel_order_3d():
+    # channel c * prod(f) + (i * f1 + j) * f2 + k holds voxel (x * f0 + i, y * f1 + j, z * f2 + k)
+    f0, f1, f2 = 2, 3, 2
+    x = torch.randn(1, 2, 4, 6, 2)
+    packed = SpaceToDepth((f0, f1, f2))(x)
+    prod = f0 * f1 * f2
+    for c in range(2):
+        for i in range(f0):
+            for j in range(f1):
+                for k in range(f2):
+                    ch = c * prod + (i * f1 + j) * f2 + k
+                    assert torch.equal(packed[:, ch], x[:, c, i::f0, j::f1, k::f2])
+
+
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_space_to_depth_2d_matches_pixel_shuffle(r):
+    x = torch.randn(2, 3, 4 * r, 2 * r)
+    assert torch.equal(SpaceToDepth((r, r))(x), F.pixel_unshuffle(x, r))
+    y = torch.randn(2, 3 * r * r, 4, 2)
+    assert torch.equal(DepthToSpace((r, r))(y), F.pixel_shuffle(y, r))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Any attempt to build the encoder or decoder fails the test: errors must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a submodule was built before validation failed")
+
+    monkeypatch.setattr(networks, "FactorEncoder", refuse)
+    monkeypatch.setattr(networks, "FactorDecoder", refuse)
+
+
+@pytest.mark.parametrize(
+    "channels,factors,fragments",
+    [
+        ((8, 16, 16), [4], ["1 entries", "(8, 16, 16)", "needs 2", "len(downsample_factors) == len(channels) - 1"]),
+        ((8, 16, 16), [4, 2, 2], ["3 entries", "(8, 16, 16)", "needs 2", "len(channels) - 1"]),
+        ((8, 16, 16, 16), [2, 2], ["2 entries", "(8, 16, 16, 16)", "needs 3", "len(channels) - 1"]),
+    ],
+)
+def test_wrong_length(nothing_built, channels, factors, fragments):
+    with pytest.raises(ValueError) as err:
+        FactorAutoencoderKL(downsample_factors=factors, **tiny_kwargs(3, channels))
+    msg = str(err.value)
+    assert "downsample_factors" in msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+
+
+@pytest.mark.parametrize(
+    "factors,bad",
+    [
+        ([0, 2], "0"),
+        ([2, -2], "-2"),
+        ([2.5, 2], "2.5"),
+        ([True, 2], "True"),
+        (["2", 2], "'2'"),
+        ([[2, 2.0, 2], 2], "2.0"),
+        ([[2, 0, 1], 2], "0"),
+    ],
+    ids=["zero", "negative", "float", "bool", "string", "float-in-axes", "zero-in-axes"],
+)
+def test_bad_factor_value(nothing_built, factors, bad):
+    with pytest.raises(ValueError) as err:
+        FactorAutoencoderKL(downsample_factors=factors, **tiny_kwargs(3))
+    msg = str(err.value)
+    index = next(i for i, f in enumerate(factors) if f != 2)
+    assert f"downsample_factors[{index}]" in msg
+    assert "positive integer" in msg
+    assert f"got {bad}" in msg, msg
+
+
+@pytest.mark.parametrize("factors", ["42", 4])
+def test_factors_not_a_list(nothing_built, factors):
+    with pytest.raises(ValueError, match="downsample_factors must be a list"):
+        FactorAutoencoderKL(downsample_factors=factors, **tiny_kwargs(3))
+
+
+@pytest.mark.parametrize(
+    "spatial_dims,factors,index,axes",
+    [(3, [[2, 2], [2, 2, 2]], 0, 2), (3, [2, [2, 2, 2, 2]], 1, 4), (2, [[2, 2, 1], 2], 0, 3)],
+)
+def test_per_axis_entry_with_wrong_number_of_axes(nothing_built, spatial_dims, factors, index, axes):
+    with pytest.raises(ValueError) as err:
+        FactorAutoencoderKL(downsample_factors=factors, **tiny_kwargs(spatial_dims))
+    msg = str(err.value)
+    assert f"downsample_factors[{index}]" in msg
+    assert f"has {axes} axes" in msg and f"spatial_dims is {spatial_dims}" in msg, msg
+
+
+def test_unknown_layout(nothing_built):
+    with pytest.raises(ValueError) as err:
+        FactorAutoencoderKL(downsample_factors=[2, 2], layout="pixel_shuffle", **tiny_kwargs(3))
+    msg = str(err.value)
+    assert "layout" in msg and "'pixel_shuffle'" in msg
+    assert "'strided'" in msg and "'space_to_depth'" in msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "factors,spatial,multiple",
+    [([4, 2], (16, 16, 12), "(8, 8, 8)"), ([[2, 2, 1], [2, 2, 2]], (8, 8, 5), "(4, 4, 2)")],
+)
+def test_forward_on_non_divisible_input(layout, factors, spatial, multiple):
+    ae = make_ae(3, factors, layout)
+    with pytest.raises(ValueError) as err:
+        ae(torch.randn(1, 1, *spatial))
+    msg = str(err.value)
+    assert str(spatial) in msg and multiple in msg, msg
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient checkpointing, flash attention
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factors,layout,spatial",
+    [([4, 2], "space_to_depth", (8, 16, 8)), ([[2, 2, 1], [2, 2, 2]], "strided", (4, 8, 2))],
+)
+def test_checkpointing_gives_same_gradients(factors, layout, spatial):
+    plain = make_ae(3, factors, layout, use_checkpoint=False)
+    ckpt = make_ae(3, factors, layout, use_checkpoint=True, seed=1)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, *spatial)
+
+    def run(model):
+        torch.manual_seed(123)  # same sampling noise for both
+        recon, z_mu, z_sigma = model(x)
+        loss = (recon - x).square().mean() + z_mu.square().mean() + z_sigma.mean()
+        loss.backward()
+        return recon.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    recon_a, grads_a = run(plain)
+    recon_b, grads_b = run(ckpt)
+    assert max_abs_diff(recon_a, recon_b) <= 1e-5
+    assert grads_a.keys() == grads_b.keys()
+    assert all(g is not None for g in grads_b.values())
+    assert any(g.abs().sum() > 0 for g in grads_b.values())
+    for name in grads_a:
+        assert max_abs_diff(grads_a[name], grads_b[name]) <= 1e-5, name
+
+
+def test_flash_attention_runs_on_cpu_with_factors():
+    attn = dict(
+        attention_levels=(False, True, True), with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True
+    )
+    flash = make_ae(3, [4, 2], use_flash_attention=True, **attn).eval()
+    plain = make_ae(3, [4, 2], use_flash_attention=False, seed=1, **attn).eval()
+    plain.load_state_dict(flash.state_dict())
+    x = torch.randn(1, 1, 8, 16, 8)
+    recon, z_mu, _ = flash(x)
+    assert recon.shape == x.shape and z_mu.shape == (1, 3, 1, 2, 1)
+    recon.sum().backward()
+    with torch.no_grad():
+        assert max_abs_diff(flash.reconstruct(x), plain.reconstruct(x)) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# MONAI's LatentDiffusionInferer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factors,layout,spatial",
+    [([4, 2], "space_to_depth", (16, 16, 16)), ([[2, 2, 1], [2, 2, 2]], "strided", (8, 8, 4))],
+)
+def test_latent_diffusion_inferer_round_trip(factors, layout, spatial):
+    ae = make_ae(3, factors, layout).eval()
+    unet = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=3,
+        out_channels=3,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=8,
+    ).eval()
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    inferer = LatentDiffusionInferer(scheduler)
+    latent = (2, 3, *ae.latent_shape(spatial))
+    x = torch.randn(2, 1, *spatial)
+    with torch.no_grad():
+        pred = inferer(
+            inputs=x,
+            autoencoder_model=ae,
+            diffusion_model=unet,
+            noise=torch.randn(latent),
+            timesteps=torch.randint(0, 10, (2,)),
+        )
+        assert pred.shape == latent
+        image = inferer.sample(
+            input_noise=torch.randn(latent),
+            autoencoder_model=ae,
+            diffusion_model=unet,
+            scheduler=scheduler,
+            verbose=False,
+        )
+    assert image.shape == x.shape
+    assert torch.isfinite(image).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstructor
+# --------------------------------------------------------------------------------------------
+
+
+def test_reconstructor_output_is_float32_reconstruction():
+    ae = make_ae(3, [4, 2], "space_to_depth").eval()
+    x = torch.randn(2, 1, 8, 16, 8)
+    with torch.no_grad():
+        out = Reconstructor(ae)(x)
+        assert isinstance(out, torch.Tensor)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, ae.reconstruct(x))
+        ae64 = ae.double()
+        out64 = Reconstructor(ae64)(x.double())
+        assert out64.dtype == torch.float32
+        assert torch.equal(out64, ae64.reconstruct(x.double()).float())
+
+
+def test_reconstructor_state_dict_is_the_autoencoders():
+    ae = make_ae(3, [4, 2], "space_to_depth", seed=0).eval()
+    recon_sd, ae_sd = Reconstructor(ae).state_dict(), ae.state_dict()
+    assert list(recon_sd) == list(ae_sd)
+    assert "downsample_factors" in recon_sd  # the factor record travels with it
+    assert all(torch.equal(recon_sd[k], ae_sd[k]) for k in ae_sd)
+
+    fresh = Reconstructor(make_ae(3, [4, 2], "space_to_depth", seed=1)).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), ae.reconstruct(x))
+        fresh.load_state_dict(ae_sd)
+        assert torch.equal(fresh(x), ae.reconstruct(x))
+    with pytest.raises(ValueError, match=r"\(2, 2\)"):
+        Reconstructor(make_ae(3, [2, 2], "space_to_depth")).load_state_dict(ae_sd)
