@@ -9,6 +9,7 @@ config is reported with both sides before any long work starts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -48,11 +49,24 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):  # a shallow copy keeps the type and a state dict's _metadata
+        out = copy.copy(obj)
+        out.update((k, _to_cpu(v)) for k, v in obj.items())
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through :func:`atomic_path`: a killed run leaves the previous good file in place."""
+    """``torch.save`` through :func:`atomic_path`, tensors moved to the CPU so the file loads on any
+    machine; a killed run leaves the previous good file in place."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(_to_cpu(obj), f)
             f.flush()
             os.fsync(f.fileno())
 
@@ -80,12 +94,17 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     return dict(ckpt)
 
 
+# constructor arguments that change how a network runs, not its weights: never a mismatch
+RUNTIME_ONLY_ARGS = frozenset({"use_checkpoint", "use_flash_attention"})
+
+
 def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, what: str) -> None:
     """Refuse a checkpoint whose network arguments differ from the configured ones, naming both sides."""
     if saved is None:
         return
     saved, configured = _plain(dict(saved)), _plain(dict(configured))
-    diff = sorted(k for k in set(saved) | set(configured) if saved.get(k) != configured.get(k))
+    keys = (set(saved) | set(configured)) - RUNTIME_ONLY_ARGS
+    diff = sorted(k for k in keys if saved.get(k) != configured.get(k))
     if diff:
         theirs = ", ".join(f"{k}={saved.get(k)!r}" for k in diff)
         ours = ", ".join(f"{k}={configured.get(k)!r}" for k in diff)
@@ -111,7 +130,7 @@ def load_network(
         raise ValueError(f"{what} '{path}' has no '{key}' entry; it holds {sorted(ckpt)}.")
     try:
         network.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: the factor check of FactorAutoencoderKL
         raise ValueError(f"{what} '{path}' does not fit the configured network: {e}") from e
     return ckpt
 

@@ -76,8 +76,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 class EpochSeed:
     """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts.
 
-    Data order, random crops and the VAE's sampling noise then depend on the epoch alone, so a run
-    resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw.
+    Data order, random crops and the VAE's sampling noise then depend on the epoch (and rank) alone,
+    so a run resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw.
     """
 
     def __init__(self, seed: int, transform: Randomizable | None = None) -> None:
@@ -88,7 +88,8 @@ class EpochSeed:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        epoch_seed = (self.seed * 1_000_003 + engine.state.epoch) % (2**31)
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        epoch_seed = (self.seed * 1_000_003 + engine.state.epoch * 1009 + rank) % (2**31)
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
@@ -207,10 +208,12 @@ class AutoencoderKLTrainer(Trainer):
         return self.discriminator is not None and self.adv_weight > 0 and epoch > self.adv_warmup_epochs
 
     @staticmethod
-    def _check_finite(name: str, value: torch.Tensor, engine: AutoencoderKLTrainer) -> None:
-        if not torch.isfinite(value):
+    def _check_finite(values: dict[str, float], engine: AutoencoderKLTrainer) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
             raise FloatingPointError(
-                f"{name} is {value.item()} at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
+                f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at epoch {engine.state.epoch}, "
+                f"iteration {engine.state.iteration}: "
                 f"stopping before the optimizer step, so the last saved checkpoint stays good. Lower learning_rate, "
                 f"use mixed_precision bf16 rather than fp16, or check the data for NaNs."
             )
@@ -235,34 +238,37 @@ class AutoencoderKLTrainer(Trainer):
                 losses["perceptual_loss"] = self.perceptual_loss(recon, images)
                 g_loss = g_loss + self.perceptual_weight * losses["perceptual_loss"]
             if adversarial:
-                logits_fake = self.discriminator(recon.contiguous())[-1]
+                # the generator's loss must not train the critic: its parameters take no gradient here
+                # (and the bare module is called, so DistributedDataParallel syncs only the D step)
+                critic = getattr(self.discriminator, "module", self.discriminator).train().requires_grad_(False)
+                logits_fake = critic(recon.contiguous())[-1]
+                critic.requires_grad_(True)
                 losses["gen_adv_loss"] = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 g_loss = g_loss + self.adv_weight * losses["gen_adv_loss"]
-        self._check_finite("generator loss", g_loss, engine)
         self.scaler.scale(g_loss / window).backward()
 
         if adversarial:
-            self.discriminator.train()
-            with self._autocast():
-                logits_fake = self.discriminator(recon.detach().contiguous())[-1]
-                logits_real = self.discriminator(images.contiguous())[-1]
+            with self._autocast():  # fakes and reals in one forward (per-sample InstanceNorm)
+                logits = self.discriminator(torch.cat([recon.detach(), images]).contiguous())[-1]
+                logits_fake, logits_real = logits.float().chunk(2)
                 d_loss = 0.5 * (
                     self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                     + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
                 )
                 losses["disc_loss"] = d_loss
-            self._check_finite("discriminator loss", d_loss, engine)
             self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
 
+        # one host sync per step: all loss values at once, checked before any optimizer step
+        losses["loss"] = g_loss
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        self._check_finite(values, engine)
         if last:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if adversarial:
                 self.d_scaler.step(self.d_optimizer)
                 self.d_scaler.update()
-        output = {k: float(v.detach()) for k, v in losses.items()}
-        output["loss"] = float(g_loss.detach())
-        return output
+        return values
 
 
 def latent_scale_factor(
@@ -292,6 +298,10 @@ def latent_scale_factor(
             images, _ = default_prepare_batch(batch, device)
             z = autoencoder.encode_stage_2_inputs(images).double()
             total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the same value on every rank
+        sums = torch.tensor([total, total_sq, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, total_sq, count = sums[0].item(), sums[1].item(), int(sums[2].item())
     if count == 0:
         raise ValueError("the training data loader gave no batch; cannot compute the latent scale factor.")
     std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))

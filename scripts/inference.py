@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from monai.data import Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
-from monai.inferers import Inferer, LatentDiffusionInferer
+from monai.inferers import Inferer, LatentDiffusionInferer, SlidingWindowInferer
 from monai.metrics import PSNRMetric, SSIMMetric
 
 from scripts.checkpoints import atomic_path, save_atomic
@@ -31,10 +31,35 @@ CSV_FIELDS = ("file", "status", "psnr", "ssim", "seconds", "output", "latent", "
 
 
 def _root_cause(error: BaseException) -> str:
-    """The innermost message of a chained error (MONAI wraps transform errors several times)."""
-    while error.__cause__ is not None:
+    """The message that explains a chained error: MONAI wraps a transform's error (several times) in
+    "applying transform ..." RuntimeErrors, which are skipped; the first other error is kept, so the
+    bundle's own checks keep their message (which already quotes the library's reason)."""
+    while (
+        error.__cause__ is not None
+        and isinstance(error, RuntimeError)
+        and str(error).startswith("applying transform")
+    ):
         error = error.__cause__
     return f"{type(error).__name__}: {error}"
+
+
+class FittedSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's ``SlidingWindowInferer`` whose window never exceeds the input: along an axis where the
+    volume is smaller than ``roi_size`` the window takes the volume's size instead of zero-padding the
+    volume up to ``roi_size``. Padding would change every GroupNorm's statistics and so the whole
+    reconstruction; with this, a volume that fits is processed whole, in one window, whatever the
+    configured ``roi_size``. (Inputs are padded to the network's multiple first, so the fitted window
+    stays divisible by the total factor.)"""
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        configured = self.roi_size
+        spatial = inputs.shape[2:]
+        roi = (configured,) * len(spatial) if isinstance(configured, int) else tuple(configured)
+        self.roi_size = tuple(s if r <= 0 else min(int(r), int(s)) for r, s in zip(roi, spatial))
+        try:
+            return super().__call__(inputs, network, *args, **kwargs)
+        finally:
+            self.roi_size = configured
 
 
 class SafeDataset(Dataset):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def is_rank0() -> bool:
-    """True on the process that writes checkpoints, logs and MLflow records."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    """True on the process that writes checkpoints, logs and MLflow records: rank 0 of the process
+    group, or of torchrun's ``RANK`` before the group is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def export_config(path: str | Path) -> str:

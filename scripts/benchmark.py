@@ -1,0 +1,293 @@
+"""Memory and speed of the factor-aware autoencoder, measured the way the bundle trains and infers.
+
+    python -m scripts.benchmark --output docs/benchmark.json          # on a CUDA GPU: the full run
+    python -m scripts.benchmark --smoke                                # tiny, on CPU: that it runs
+
+It measures, in one process: one full autoencoder training step as ``AutoencoderKLTrainer`` runs it
+(generator forward, L1 + KL + adversarial, backward, optimizer step, discriminator step) for MONAI's
+stock ``AutoencoderKL`` (eager and ``torch.compile``) and the bundle's network for each factor set and
+layout; the diffusion UNet's training step on the latents of each total factor; and reconstruction of
+one large volume through the inference config's sliding-window path. Peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
+after warm-up. It prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.schedulers import DDPMScheduler
+
+from scripts.engines import AutoencoderKLTrainer
+from scripts.networks import FactorAutoencoderKL, total_factor
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+# the seed's network: channels (32, 64, 64), latent 3, one residual block per level, no attention
+SEED_NETWORK = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    channels=(32, 64, 64),
+    latent_channels=3,
+    num_res_blocks=1,
+    attention_levels=(False, False, False),
+    norm_num_groups=32,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+)
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict:
+    """Median seconds per step after warm-up, and peak allocated bytes over the timed steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"seconds": statistics.median(times), "peak_bytes": peak}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def autoencoder_step(
+    network: torch.nn.Module,
+    size: Sequence[int],
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    compile: bool = False,
+) -> Callable[[], Any]:
+    """One training step of the bundle's trainer, adversarial loss on, perceptual loss off."""
+    network = network.to(device)
+    discriminator = PatchDiscriminator(
+        spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1, norm="INSTANCE"
+    ).to(device)
+    if compile:
+        network, discriminator = torch.compile(network), torch.compile(discriminator)
+    images = torch.rand(batch_size, 1, *size, device=device)
+    trainer = AutoencoderKLTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=[{"image": images}],
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-4, fused=device.type == "cuda"),
+        discriminator=discriminator,
+        d_optimizer=torch.optim.Adam(discriminator.parameters(), lr=1e-4, fused=device.type == "cuda"),
+        adv_warmup_epochs=0,
+        amp_dtype=amp_dtype,
+    )
+    trainer.state.epoch, trainer.state.epoch_length, trainer.state.device = 1, 1, device
+
+    def step() -> Any:
+        trainer.state.iteration = 1
+        return trainer._iteration(trainer, {"image": images})
+
+    return step
+
+
+def diffusion_step(
+    latent_shape: Sequence[int], batch_size: int, amp_dtype: torch.dtype | None, device: torch.device, args: dict
+) -> Callable[[], Any]:
+    """One training step of the diffusion UNet on latents: noise, UNet, MSE, backward, Adam."""
+    unet = DiffusionModelUNet(**args).to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(batch_size, *latent_shape, device=device)
+
+    def step() -> Any:
+        optimizer.zero_grad(set_to_none=True)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch_size,), device=device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = unet(scheduler.add_noise(latents, noise, t), timesteps=t)
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def reconstruction(size: Sequence[int], overrides: dict, device: torch.device) -> Callable[[], Any]:
+    """Reconstruct one volume through configs/inference_autoencoder.yaml's network and inferer."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference_autoencoder.yaml"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "device": device, **overrides})
+    network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
+    amp_dtype = parser.get_parsed_content("amp_dtype")
+    network.eval()
+    volume = torch.rand(1, 1, *size, device=device)
+
+    def step() -> Any:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return inferer(volume, network).float().mean().item()
+
+    return step
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    amp_dtype = AMP[args.amp] if device.type == "cuda" else None
+    size, batch = tuple(args.size), args.batch_size
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "monai": __import__("monai").__version__,
+        "size": size,
+        "batch_size": batch,
+        "amp": args.amp if amp_dtype is not None else "none",
+        "autoencoder": [],
+        "diffusion": [],
+        "reconstruction": [],
+    }
+
+    def record(table: list, name: str, make: Callable[[], Callable[[], Any]], **extra: Any) -> None:
+        _free(device)
+        try:
+            row = {"name": name, **extra, **_measure(make(), device, args.warmup, args.steps)}
+        except torch.OutOfMemoryError as e:
+            row = {"name": name, **extra, "seconds": None, "peak_bytes": None, "error": f"out of memory: {e}"}
+        table.append(row)
+        print(json.dumps(row), flush=True)
+
+    def make_ae(factors: list | None, layout: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return FactorAutoencoderKL(**SEED_NETWORK, downsample_factors=factors, layout=layout)
+
+    ae = results["autoencoder"]
+    if not args.no_stock:
+        record(ae, "stock 4x eager", lambda: autoencoder_step(AutoencoderKL(**SEED_NETWORK), size, batch, amp_dtype, device))
+        if not args.no_compile:
+            record(ae, "stock 4x compiled", lambda: autoencoder_step(AutoencoderKL(**SEED_NETWORK), size, batch, amp_dtype, device, True))
+    for layout in args.layouts:
+        for factors in args.factors:
+            latent = [s // f for s, f in zip(size, total_factor(tuple((f,) * 3 for f in factors)))]
+            record(
+                ae,
+                f"{layout} {factors}",
+                lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device),
+                layout=layout,
+                factors=factors,
+                latent_shape=[SEED_NETWORK["latent_channels"], *latent],
+            )
+    stock = {r["name"]: r for r in ae if r["name"].startswith("stock")}
+    for row in ae:
+        own4x = next((r for r in ae if r.get("layout") == row.get("layout") and r.get("factors") == [2, 2]), None)
+        for base_name, base in (("stock_eager", stock.get("stock 4x eager")), ("stock_compiled", stock.get("stock 4x compiled")), ("own_4x", own4x)):
+            if base is not None:
+                row[f"memory_vs_{base_name}"] = _ratio(row["peak_bytes"], base["peak_bytes"])
+                row[f"time_vs_{base_name}"] = _ratio(row["seconds"], base["seconds"])
+
+    diffusion_args = dict(
+        spatial_dims=3,
+        in_channels=SEED_NETWORK["latent_channels"],
+        out_channels=SEED_NETWORK["latent_channels"],
+        channels=tuple(args.diffusion_channels),
+        attention_levels=(False, True, True)[: len(args.diffusion_channels)],
+        num_res_blocks=1,
+        num_head_channels=32,
+        norm_num_groups=min(32, min(args.diffusion_channels)),
+        use_flash_attention=True,
+    )
+    for total in args.diffusion_factors:
+        latent = [SEED_NETWORK["latent_channels"], *(s // total for s in size)]
+        record(results["diffusion"], f"UNet on {total}x latents", lambda: diffusion_step(latent, batch, amp_dtype, device, diffusion_args), total_factor=total, latent_shape=latent)
+    base = results["diffusion"][0] if results["diffusion"] else None
+    for row in results["diffusion"]:
+        row["memory_vs_4x"], row["time_vs_4x"] = _ratio(row["peak_bytes"], base["peak_bytes"]), _ratio(row["seconds"], base["seconds"])
+
+    for layout, factors in args.reconstruction:
+        overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size)}
+        record(results["reconstruction"], f"{layout} {factors} {'x'.join(map(str, args.recon_size))}", lambda: reconstruction(args.recon_size, overrides, device), roi_size=list(args.roi_size), sw_overlap=0.25)
+    return results
+
+
+def print_table(results: dict) -> None:
+    gib = 2**30
+
+    def fmt(v: Any, scale: float = 1.0, digits: int = 3) -> str:
+        return "-" if v is None else f"{v / scale:.{digits}f}"
+
+    print(f"\n{results['device']}, torch {results['torch']}, MONAI {results['monai']}, "
+          f"{'x'.join(map(str, results['size']))}, batch {results['batch_size']}, amp {results['amp']}")
+    print(f"{'autoencoder step':28} {'latent':>14} {'GiB':>7} {'s':>7} {'mem/eager':>9} {'t/eager':>8} {'mem/comp':>8} {'t/comp':>7} {'mem/4x':>7} {'t/4x':>6}")
+    for r in results["autoencoder"]:
+        latent = "x".join(map(str, r.get("latent_shape", [3, *(s // 4 for s in results["size"])])))
+        print(f"{r['name']:28} {latent:>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} "
+              f"{fmt(r.get('memory_vs_stock_eager'), 1, 2):>9} {fmt(r.get('time_vs_stock_eager'), 1, 2):>8} "
+              f"{fmt(r.get('memory_vs_stock_compiled'), 1, 2):>8} {fmt(r.get('time_vs_stock_compiled'), 1, 2):>7} "
+              f"{fmt(r.get('memory_vs_own_4x'), 1, 2):>7} {fmt(r.get('time_vs_own_4x'), 1, 2):>6}")
+    for r in results["diffusion"]:
+        print(f"{r['name']:28} {'x'.join(map(str, r['latent_shape'])):>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} mem/4x {fmt(r['memory_vs_4x'], 1, 2)} t/4x {fmt(r['time_vs_4x'], 1, 2)}")
+    for r in results["reconstruction"]:
+        print(f"reconstruction {r['name']:30} {fmt(r['peak_bytes'], gib, 2):>7} GiB {fmt(r['seconds'], 1, 2)} s")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, nargs=3, default=[256, 256, 64], help="training input size")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--amp", choices=sorted(AMP), default="bf16")
+    p.add_argument("--factors", type=json.loads, default=[[2, 2], [4, 2], [8, 2], [4, 4]], help="JSON list of factor lists")
+    p.add_argument("--layouts", nargs="+", default=["strided", "space_to_depth"])
+    p.add_argument("--no_stock", action="store_true", help="skip MONAI's stock AutoencoderKL baselines")
+    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--diffusion_factors", type=int, nargs="*", default=[4, 8, 16])
+    p.add_argument("--diffusion_channels", type=int, nargs="+", default=[64, 128, 128])
+    p.add_argument("--reconstruction", type=json.loads, default=[["space_to_depth", [2, 2]], ["space_to_depth", [4, 2]], ["strided", [2, 2]]],
+                   help="JSON list of [layout, factors] to reconstruct a volume with")
+    p.add_argument("--recon_size", type=int, nargs=3, default=[512, 512, 512])
+    p.add_argument("--roi_size", type=int, nargs=3, default=[256, 256, 128])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, two steps: checks that it runs (CPU)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.recon_size, args.roi_size = [64, 64, 32], [48, 48, 48], [32, 32, 32]
+        args.warmup, args.steps, args.no_compile = 1, 2, True
+        args.factors, args.diffusion_factors, args.diffusion_channels = [[2, 2], [4, 2]], [4, 8], [32, 32]
+        args.reconstruction = [["space_to_depth", [2, 2]]]
+    results = run(args)
+    print_table(results)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

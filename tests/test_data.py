@@ -1,0 +1,334 @@
+"""Tests for scripts/data.py: the demo phantoms, datalists, the split, the early checks and the
+(invertible) preprocessing chain. Volumes are ~30^3 voxels, so the file runs in a few seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+
+from conftest import affine_for, phantom, write_volume
+from scripts import data
+from scripts.data import (
+    DEMO_SHAPES,
+    DEMO_SPACINGS,
+    NormalizeIntensityd,
+    check_patch_size,
+    list_volumes,
+    load_datalist,
+    make_demo_dataset,
+    split_datalist,
+)
+
+# ---------------------------------------------------------------------------------------------
+# the demo dataset
+
+
+def test_demo_dataset_is_deterministic_with_real_geometry(tmp_path):
+    first = make_demo_dataset(tmp_path / "a", num_volumes=4)
+    second = make_demo_dataset(tmp_path / "b", num_volumes=4)
+    assert [Path(p).name for p in first] == [f"phantom_{i:03d}.nii.gz" for i in range(4)]
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert Path(a).read_bytes() == Path(b).read_bytes(), f"demo volume {i} differs between two writes"
+        img = nib.load(a)
+        array = np.asarray(img.dataobj)
+        # each of the four volumes has its own size and voxel size
+        assert array.shape == DEMO_SHAPES[i]
+        np.testing.assert_allclose(img.header.get_zooms()[:3], DEMO_SPACINGS[i], rtol=1e-6)
+        assert not np.allclose(img.affine, np.eye(4)), "the demo affine should carry spacing and origin"
+        np.testing.assert_allclose(np.diag(img.affine)[:3], DEMO_SPACINGS[i], rtol=1e-6)
+        assert np.isfinite(array).all() and array.max() > 100 and array.min() >= 0  # an MRI-like scale, not empty
+    # the four volumes are different phantoms, not copies
+    arrays = [np.asarray(nib.load(p).dataobj) for p in first]
+    assert len({a.shape for a in arrays}) == 4
+    assert len({DEMO_SPACINGS[i] for i in range(4)}) == 4
+
+
+def test_demo_dataset_keeps_existing_files(tmp_path):
+    existing = tmp_path / "phantom_000.nii.gz"
+    existing.write_bytes(b"a user's own file")
+    paths = make_demo_dataset(tmp_path, num_volumes=2)
+    assert existing.read_bytes() == b"a user's own file", "an existing file was overwritten"
+    assert Path(paths[1]).is_file() and nib.load(paths[1]).shape == DEMO_SHAPES[1]
+
+
+def test_demo_dir_is_filled_on_first_use(tmp_path):
+    demo = tmp_path / "demo"
+    items = list_volumes(demo, demo_dir=demo)
+    assert len(items) == 8 and all(Path(i["image"]).is_file() for i in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# datalists
+
+
+def test_folder_of_nii_and_nii_gz(tmp_path):
+    write_volume(tmp_path / "b.nii", phantom(seed=1))
+    write_volume(tmp_path / "a.nii.gz", phantom(seed=2))
+    (tmp_path / "notes.txt").write_text("not a volume")
+    (tmp_path / "other.json").write_text(json.dumps({"labels": {}}))  # not a datalist: ignored
+    (tmp_path / "sub").mkdir()
+    items = load_datalist(tmp_path)
+    assert items == [{"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii")}]
+    assert list_volumes(tmp_path) == items
+
+
+@pytest.fixture
+def msd_folder(tmp_path):
+    folder = tmp_path / "Task01"
+    write_volume(folder / "imagesTr" / "case_1.nii.gz", phantom(seed=1))
+    write_volume(folder / "imagesTr" / "case_2.nii.gz", phantom(seed=2))
+    write_volume(folder / "imagesTr" / "unlisted.nii.gz", phantom(seed=3))  # only the JSON's list counts
+    listing = {
+        "name": "tiny",
+        "training": [{"image": "imagesTr/case_2.nii.gz"}, {"image": "imagesTr/case_1.nii.gz", "label": "x"}],
+        "test": ["imagesTs/none.nii.gz"],
+    }
+    (folder / "dataset.json").write_text(json.dumps(listing))
+    return folder
+
+
+def test_msd_datalist_in_folder_and_as_path(msd_folder):
+    expected = [
+        {"image": str(msd_folder / "imagesTr" / "case_2.nii.gz")},
+        {"image": str(msd_folder / "imagesTr" / "case_1.nii.gz")},
+    ]
+    assert load_datalist(msd_folder) == expected  # paths relative to the JSON's folder, in the JSON's order
+    assert load_datalist(msd_folder / "dataset.json") == expected
+    assert all(Path(item["image"]).is_file() for item in expected)
+
+
+def test_msd_datalist_from_another_working_directory(msd_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    items = load_datalist(os.path.relpath(msd_folder / "dataset.json", tmp_path))
+    assert all(Path(item["image"]).is_file() for item in items)
+
+
+def test_msd_datalist_entry_without_image(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"label": "x.nii.gz"}]}))
+    with pytest.raises(ValueError, match=r"dataset\.json.*training\[0\].*'image'"):
+        list_volumes(tmp_path)
+
+
+def test_msd_datalist_pointing_at_missing_file(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "gone.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gone.nii.gz"))):
+        load_datalist(tmp_path)
+
+
+def test_two_datalists_are_refused(tmp_path):
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match=r"several datalist JSONs.*a\.json.*b\.json"):
+        list_volumes(tmp_path)
+
+
+def test_missing_dataset_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as info:
+        load_datalist(missing)
+    message = str(info.value)
+    assert "dataset_dir" in message and str(missing) in message and ".nii" in message
+
+
+def test_empty_dataset_dir(tmp_path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(ValueError) as info:
+        load_datalist(tmp_path)
+    message = str(info.value)
+    assert "dataset_dir" in message and str(tmp_path) in message and "no .nii/.nii.gz volumes" in message
+
+
+def test_unreadable_file_is_named(tmp_path):
+    write_volume(tmp_path / "good.nii.gz", phantom())
+    bad = tmp_path / "junk.nii.gz"
+    bad.write_bytes(b"\x00not a nifti at all" * 20)
+    with pytest.raises(ValueError) as info:
+        load_datalist(tmp_path)
+    assert str(bad) in str(info.value) and "not a readable NIfTI" in str(info.value)
+
+
+def test_truncated_nifti_is_named(tmp_path):
+    good = write_volume(tmp_path / "a.nii", phantom())
+    truncated = tmp_path / "b.nii"
+    truncated.write_bytes(good.read_bytes()[:200])  # half a header
+    with pytest.raises(ValueError, match=re.escape(str(truncated))):
+        load_datalist(tmp_path)
+
+
+def test_4d_volume_with_more_channels_than_in_channels(tmp_path):
+    path = write_volume(tmp_path / "two.nii.gz", np.stack([phantom(), phantom(seed=1)], axis=-1))
+    with pytest.raises(ValueError) as info:
+        load_datalist(tmp_path, in_channels=1)
+    message = str(info.value)
+    assert str(path) in message and "2 channels" in message and "in_channels is 1" in message
+    # the same volume is fine for a two-channel network, and a trailing singleton axis is one channel
+    assert load_datalist(tmp_path, in_channels=2) == [{"image": str(path)}]
+    single = write_volume(tmp_path / "one" / "one.nii.gz", phantom()[..., None])
+    assert data.check_volume(single, 1) == phantom().shape
+
+
+def test_2d_image_is_refused(tmp_path):
+    path = write_volume(tmp_path / "slice.nii.gz", phantom()[:, :, 10], affine=np.eye(4))
+    with pytest.raises(ValueError) as info:
+        load_datalist(tmp_path)
+    assert str(path) in str(info.value) and "expected a 3D volume" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the split
+
+
+def _items(n):
+    return [{"image": f"/data/v{i:02d}.nii.gz"} for i in range(n)]
+
+
+@pytest.mark.parametrize("n, fraction, n_val", [(2, 0.25, 1), (4, 0.25, 1), (10, 0.2, 2), (10, 0.25, 3), (7, 0.9, 6)])
+def test_split_is_deterministic_disjoint_covering(n, fraction, n_val):
+    items = _items(n)
+    train, val = split_datalist(items, fraction, seed=3)
+    assert (train, val) == split_datalist(items, fraction, seed=3)
+    assert len(val) == n_val and len(train) == n - n_val
+    names_train, names_val = {i["image"] for i in train}, {i["image"] for i in val}
+    assert not names_train & names_val
+    assert names_train | names_val == {i["image"] for i in items}
+
+
+def test_split_depends_on_seed():
+    items = _items(20)
+    splits = {tuple(i["image"] for i in split_datalist(items, 0.25, seed=s)[1]) for s in range(5)}
+    assert len(splits) > 1
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
+def test_split_refuses_bad_fraction(fraction):
+    with pytest.raises(ValueError, match=r"val_fraction must be between 0 and 1.*" + re.escape(repr(fraction))):
+        split_datalist(_items(4), fraction)
+
+
+def test_split_refuses_a_single_volume():
+    with pytest.raises(ValueError, match=r"1 volume\(s\); at least 2"):
+        split_datalist(_items(1), 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch size
+
+
+def test_check_patch_size():
+    assert check_patch_size([16, 16, 8], (8, 8, 4)) == [16, 16, 8]
+    with pytest.raises(ValueError) as info:
+        check_patch_size([16, 16, 12], (8, 8, 8))
+    message = str(info.value)
+    assert "patch_size [16, 16, 12]" in message and "[8, 8, 8]" in message and "[16, 16, 16]" in message
+    with pytest.raises(ValueError, match="patch_size must be 3 positive integers"):
+        check_patch_size([16, 16], (4, 4, 4))
+    with pytest.raises(ValueError, match="patch_size must be 3 positive integers"):
+        check_patch_size([16, 0, 16], (4, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# intensity normalisation and the preprocessing chain
+
+
+def _meta_image(array, affine=None):
+    return MetaTensor(torch.as_tensor(array)[None], affine=torch.as_tensor(affine if affine is not None else np.eye(4)))
+
+
+@pytest.mark.parametrize("modality", ["mri", "ct"])
+def test_normalize_intensity_and_its_inverse(modality):
+    rng = np.random.default_rng(0)
+    if modality == "mri":
+        array = rng.gamma(2.0, 300.0, size=(12, 14, 10)).astype(np.float32)
+        low, high = np.percentile(array, [0.5, 99.5])
+    else:
+        array = rng.uniform(-1500, 2500, size=(12, 14, 10)).astype(np.float32)
+        low, high = -1000.0, 1000.0
+    normalize = NormalizeIntensityd("image", modality=modality, percentiles=(0.5, 99.5), ct_window=(-1000, 1000))
+    out = normalize({"image": _meta_image(array)})
+    image = out["image"]
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
+    expected = np.clip((array - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-5)
+
+    out["pred"] = MetaTensor(image.clone())
+    restored = Invertd(keys="pred", transform=normalize, orig_keys="image")(out)["pred"]
+    # the inverse restores intensities exactly within the clipped range
+    np.testing.assert_allclose(restored[0].numpy(), np.clip(array, low, high), rtol=1e-5, atol=1e-3 * (high - low))
+
+
+def test_normalize_constant_volume_maps_to_zero():
+    out = NormalizeIntensityd("image")({"image": _meta_image(np.full((4, 4, 4), 7.0, np.float32))})
+    assert torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0
+
+
+def test_normalize_refuses_unknown_modality():
+    with pytest.raises(ValueError, match="modality must be 'mri'.*'pet'"):
+        NormalizeIntensityd("image", modality="pet")
+
+
+@pytest.mark.parametrize("spacing", [None, (4.0, 4.0, 4.0)])
+def test_preprocessing_and_invert_restore_shape_and_affine(tmp_path, spacing):
+    shape = (30, 34, 26)
+    array = phantom(shape, (1.8, 1.8, 2.2), seed=5)
+    # a flipped x axis (LAS) and a shifted origin: Orientationd to RAS must be undone too
+    affine = affine_for(shape, (1.8, 1.8, 2.2), origin_shift=(4.0, -3.0, 2.0))
+    affine[0, 0] = -1.8
+    path = write_volume(tmp_path / "in.nii.gz", array, affine=affine)
+    multiple = (4, 4, 2)
+    chain = Compose(data.preprocessing(1, spacing, "mri", (0.5, 99.5), (-1000, 1000), multiple))
+    item = chain({"image": str(path)})
+    image = item["image"]
+    assert image.shape[0] == 1 and all(s % m == 0 for s, m in zip(image.shape[1:], multiple))
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    if spacing is not None:
+        np.testing.assert_allclose(np.abs(np.diag(image.affine.numpy())[:3]), spacing, rtol=1e-5)
+    item["pred"] = MetaTensor(image.as_tensor().clone())
+    restored = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(item)["pred"]
+    assert tuple(restored.shape) == (1, *shape)
+    np.testing.assert_allclose(restored.affine.numpy(), affine, atol=1e-4)
+    # and the content is back in place and in the input's units: a resampled copy of the input
+    low, high = np.percentile(array, [0.5, 99.5])
+    restored_np = restored[0].numpy()
+    reference = np.clip(array, low, high)
+    corr = np.corrcoef(restored_np.ravel(), reference.ravel())[0, 1]
+    assert corr > (0.999 if spacing is None else 0.9)
+    assert abs(restored_np.mean() - reference.mean()) < 0.05 * (high - low)
+
+
+def test_preprocessing_names_a_volume_with_nans(tmp_path):
+    array = phantom()
+    array[3, 4, 5] = np.nan
+    path = write_volume(tmp_path / "nan.nii.gz", array)
+    chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
+    with pytest.raises(Exception) as info:
+        chain({"image": str(path)})
+    chain_text = "".join(str(e) for e in _chain(info.value))
+    assert str(path) in chain_text and "NaN" in chain_text
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__
+
+
+def test_make_dataset_modes(tmp_path):
+    items = [{"image": str(write_volume(tmp_path / "a.nii.gz", phantom()))}]
+    chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
+    for cache in ("memory", "disk", "none"):
+        ds = data.make_dataset(items, chain, cache=cache, cache_dir=str(tmp_path / "cache"))
+        assert ds[0]["image"].shape[0] == 1
+    assert any((tmp_path / "cache").iterdir())  # disk cache wrote its files there
+    with pytest.raises(ValueError, match="cache must be 'memory', 'disk' or 'none'"):
+        data.make_dataset(items, chain, cache="ram")
+    with pytest.raises(ValueError, match="cache 'disk' needs cache_dir"):
+        data.make_dataset(items, chain, cache="disk", cache_dir=None)

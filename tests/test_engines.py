@@ -1,0 +1,323 @@
+"""Tests for scripts/engines.py: the VAE-GAN trainer (exact gradient accumulation, the non-finite
+guard), precision selection, the KL term, the latent scale factor, the UNet fit check, the
+perceptual-loss fallback and the per-epoch reseeding."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import DataLoader
+from monai.networks.nets import PatchDiscriminator
+from monai.transforms import RandSpatialCropd
+
+from conftest import REPO
+from scripts import engines
+from scripts.checkpoints import save_atomic
+from scripts.engines import (
+    AutoencoderKLTrainer,
+    EpochSeed,
+    autocast_dtype,
+    build_perceptual_loss,
+    check_latent_fits_unet,
+    kl_loss,
+    latent_scale_factor,
+)
+from scripts.networks import FactorAutoencoderKL
+
+PATCH = (16, 16, 16)
+FACTORS = [2, 2]
+
+
+def tiny_pair(seed: int = 0):
+    torch.manual_seed(seed)
+    ae = FactorAutoencoderKL(
+        spatial_dims=3,
+        channels=(8, 16, 16),
+        latent_channels=3,
+        num_res_blocks=1,
+        attention_levels=(False, False, False),
+        norm_num_groups=8,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        downsample_factors=FACTORS,
+        layout="space_to_depth",
+    )
+    disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1, norm="INSTANCE")
+    return ae, disc
+
+
+def samples(n: int = 2, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.rand(1, *PATCH, generator=g)} for _ in range(n)]
+
+
+def make_trainer(ae, disc, items, batch_size, accumulation_steps, lr=0.5, **kwargs):
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0)
+    defaults = dict(kl_weight=1e-3, adv_weight=0.5, adv_warmup_epochs=0)
+    defaults.update(kwargs)
+    return AutoencoderKLTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=loader,
+        network=ae,
+        optimizer=torch.optim.SGD(ae.parameters(), lr=lr),
+        discriminator=disc,
+        d_optimizer=torch.optim.SGD(disc.parameters(), lr=lr),
+        accumulation_steps=accumulation_steps,
+        **defaults,
+    )
+
+
+def test_randn_of_a_batch_equals_two_draws_for_the_latent_size():
+    """The premise of the accumulation test: the VAE's sampling noise for a batch of 2 equals two
+    draws for batches of 1 only if a sample's latent numel is a multiple of 16 (CPU randn fills
+    16 values at a time)."""
+    ae, _ = tiny_pair()
+    numel = ae.latent_channels * math.prod(ae.latent_shape(PATCH))
+    assert numel % 16 == 0, f"latent numel {numel} per sample: pick a patch/latent size that is a multiple of 16"
+    torch.manual_seed(5)
+    together = torch.randn(2, numel)
+    torch.manual_seed(5)
+    apart = torch.cat([torch.randn(1, numel), torch.randn(1, numel)])
+    assert torch.equal(together, apart)
+
+
+def test_gradient_accumulation_is_exact():
+    items = samples(2)
+    runs = {}
+    for name, batch_size, steps in (("one batch of 2", 2, 1), ("two accumulated batches of 1", 1, 2)):
+        ae, disc = tiny_pair(seed=0)
+        trainer = make_trainer(ae, disc, items, batch_size, steps)
+        outputs = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+        torch.manual_seed(123)  # the same VAE sampling noise in both runs
+        trainer.run()
+        assert trainer.state.iteration == 2 // batch_size
+        assert "gen_adv_loss" in outputs[-1] and "disc_loss" in outputs[-1], "the adversarial terms must be active"
+        runs[name] = (ae, disc, outputs)
+
+    (ae1, d1, out1), (ae2, d2, out2) = runs.values()
+    # the accumulated run's mean loss is the big batch's loss
+    assert np.mean([o["loss"] for o in out2]) == pytest.approx(out1[0]["loss"], rel=1e-5)
+    start_ae, start_d = tiny_pair(seed=0)
+    for reference, first, second in ((start_ae, ae1, ae2), (start_d, d1, d2)):
+        moved = 0.0
+        for (name, p0), p1, p2 in zip(reference.named_parameters(), first.parameters(), second.parameters()):
+            assert p1.grad is not None and p2.grad is not None, name
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+            torch.testing.assert_close(p2, p1, atol=1e-5, rtol=1e-5, msg=lambda m: f"weight {name}: {m}")
+            moved = max(moved, (p1 - p0).abs().max().item())
+        assert moved > 1e-4, "the optimizer step should have changed the weights"
+
+
+def test_accumulation_steps_only_at_the_window_end_and_a_short_last_window():
+    """Three batches with accumulation 2: steps after batches 2 and 3 (a short window of one)."""
+    ae, disc = tiny_pair()
+    trainer = make_trainer(ae, disc, samples(3), batch_size=1, accumulation_steps=2, adv_weight=0.0)
+    weights = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: weights.append(next(ae.parameters()).detach().clone())
+    )
+    start = next(ae.parameters()).detach().clone()
+    trainer.run()
+    assert torch.equal(weights[0], start), "no optimizer step inside a window"
+    assert not torch.equal(weights[1], weights[0]) and not torch.equal(weights[2], weights[1])
+
+
+def test_refuses_bad_arguments():
+    ae, disc = tiny_pair()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be a positive integer, got 0"):
+        make_trainer(ae, disc, samples(1), 1, 0)
+    with pytest.raises(ValueError, match="discriminator and d_optimizer go together"):
+        AutoencoderKLTrainer("cpu", 1, DataLoader(samples(1)), ae, torch.optim.SGD(ae.parameters(), lr=1), discriminator=disc)
+
+
+def test_adversarial_loss_waits_for_warmup():
+    ae, disc = tiny_pair()
+    trainer = make_trainer(ae, disc, samples(1), 1, 1, adv_warmup_epochs=1)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    assert "disc_loss" not in outputs[0]
+    assert trainer.adversarial_active(2) and not trainer.adversarial_active(1)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    ae, disc = tiny_pair()
+    items = samples(2)
+    items[1]["image"][0, 3, 4, 5] = float("nan")
+    before_ae = {k: v.clone() for k, v in ae.state_dict().items()}
+    before_d = {k: v.clone() for k, v in disc.state_dict().items()}
+    trainer = make_trainer(ae, disc, items, batch_size=2, accumulation_steps=1)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.run()
+    message = str(info.value)
+    assert "recon_loss = nan" in message and "before the optimizer step" in message
+    assert "epoch 1, iteration 1" in message and "NaNs" in message
+    assert all(torch.equal(before_ae[k], v) for k, v in ae.state_dict().items())
+    assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_autocast_dtype():
+    for bad in ("fp32", "bfloat16", "16-mixed", True):
+        with pytest.raises(ValueError, match="mixed_precision must be one of 'bf16', 'fp16' or null"):
+            autocast_dtype(bad, "cpu")
+    for precision in (None, "bf16", "fp16"):
+        assert autocast_dtype(precision, "cpu") is None
+        assert autocast_dtype(precision, torch.device("cpu")) is None
+    # on a GPU it is the named dtype (torch.device("cuda") needs no GPU to exist)
+    assert autocast_dtype("bf16", "cuda") is torch.bfloat16
+    assert autocast_dtype("fp16", "cuda:0") is torch.float16
+    assert autocast_dtype(None, "cuda") is None
+
+
+def test_kl_loss():
+    z = torch.zeros(2, 3, 4, 4, 4)
+    assert float(kl_loss(z, torch.ones_like(z))) == 0.0
+    # mu = 1, sigma = 1: 0.5 per latent value, summed per sample, averaged over the batch
+    assert float(kl_loss(torch.ones_like(z), torch.ones_like(z))) == pytest.approx(0.5 * 3 * 64)
+    sigma = torch.full_like(z, 2.0)  # 0.5 * (4 - log 4 - 1) per value
+    assert float(kl_loss(z, sigma)) == pytest.approx(0.5 * (3 - math.log(4)) * 192, rel=1e-6)
+    assert float(kl_loss(z[:1], sigma[:1])) == pytest.approx(float(kl_loss(z, sigma)))
+
+
+class _Exploding:
+    def __iter__(self):
+        raise AssertionError("a resumed run must not recompute the scale factor")
+
+
+def test_latent_scale_factor_is_one_over_latent_std(tmp_path):
+    ae, _ = tiny_pair()
+    items = [{"image": torch.rand(1, *PATCH) * (i + 1)} for i in range(4)]
+    loader = DataLoader(items, batch_size=2, shuffle=False)
+    torch.manual_seed(11)
+    scale = latent_scale_factor(ae, loader, "cpu")
+    torch.manual_seed(11)
+    with torch.no_grad():
+        z = torch.cat([ae.encode_stage_2_inputs(b["image"]) for b in loader]).double()
+    assert scale == pytest.approx(1.0 / z.std(unbiased=False).item(), rel=1e-6)
+    # max_batches: only the first batch
+    torch.manual_seed(11)
+    first = latent_scale_factor(ae, loader, "cpu", max_batches=1)
+    assert first == pytest.approx(1.0 / z[:2].std(unbiased=False).item(), rel=1e-6)
+    assert first != pytest.approx(scale)
+
+    resume = tmp_path / "checkpoint_last.pt"
+    save_atomic({"diffusion": {}, "scale_factor": 0.125}, resume)
+    assert latent_scale_factor(ae, _Exploding(), "cpu", resume_from=str(resume)) == 0.125
+    save_atomic({"autoencoder": {}}, tmp_path / "ae.pt")
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'ae.pt'}' holds no scale_factor"):
+        latent_scale_factor(ae, _Exploding(), "cpu", resume_from=str(tmp_path / "ae.pt"))
+    with pytest.raises(ValueError, match="gave no batch"):
+        latent_scale_factor(ae, [], "cpu")
+
+
+def test_check_latent_fits_unet():
+    assert check_latent_fits_unet((4, 4, 2), [8, 8]) == [4, 4, 2]
+    with pytest.raises(ValueError) as info:
+        check_latent_fits_unet((8, 8, 6), [64, 128, 128])
+    message = str(info.value)
+    assert "latent shape [8, 8, 6]" in message and "not divisible by 4" in message
+    assert "diffusion_channels [64, 128, 128]" in message and "patch_size" in message
+
+
+def test_log_network_summary_line(caplog):
+    ae, _ = tiny_pair()
+    caplog.set_level("INFO", logger="scripts.engines")
+    line = engines.log_network_summary(ae, (32, 16, 16))
+    assert line.startswith("downsample factors (2, 2) (space_to_depth): total 4x, patch 32x16x16 -> latent 3x8x4x4")
+    assert line in caplog.text
+
+
+def test_perceptual_loss_disabled_is_none():
+    assert build_perceptual_loss(False) is None
+    assert build_perceptual_loss(False, 3, "radimagenet_resnet50", "/nonexistent") is None
+
+
+def test_perceptual_loss_unreachable_weights_fall_back(tmp_path):
+    """With no network (a dead proxy) and an empty torch.hub cache, the perceptual loss is off with a
+    warning that names the network and says training goes on. In a subprocess: torch.hub's cache
+    directory and the proxy are process-wide."""
+    code = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+        from scripts.engines import build_perceptual_loss
+        for net in ("squeeze", "radimagenet_resnet50"):
+            print("RESULT", net, build_perceptual_loss(True, 3, net, sys.argv[1]))
+        """
+    )
+    env = dict(
+        os.environ,
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        TORCH_HOME=str(tmp_path / "torch_home"),
+        PYTHONPATH=str(REPO),
+        PYTHONWARNINGS="ignore",
+    )
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "hub")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for net in ("squeeze", "radimagenet_resnet50"):
+        assert f"RESULT {net} None" in out
+        assert f"WARNING perceptual loss disabled: the pretrained '{net}' weights could not be loaded" in out
+    assert out.count("Training without it") == 2
+    assert not any((tmp_path / "hub").rglob("*.pth")), "nothing should have been downloaded"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _draws_per_epoch(max_epochs, start_epoch=0, seed=7):
+    crop = RandSpatialCropd("image", roi_size=(2, 2, 2), random_size=False)
+    engine = Engine(lambda e, b: None)
+    EpochSeed(seed, transform=crop).attach(engine)
+    draws = {}
+
+    def draw(e):
+        out = crop({"image": torch.arange(64.0).reshape(1, 4, 4, 4)})["image"]
+        draws[e.state.epoch] = (torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random(), out.flatten().tolist())
+
+    engine.add_event_handler(Events.EPOCH_STARTED, draw)
+    if start_epoch:
+        engine.state.epoch = start_epoch
+        engine.state.iteration = start_epoch * 2
+        engine.state.epoch_length = 2
+        engine.state.max_epochs = max_epochs
+    torch.manual_seed(start_epoch + 99)  # whatever the state before, the epoch's draws are the same
+    np.random.seed(start_epoch + 99)
+    engine.run([0, 1], max_epochs=max_epochs)
+    return draws
+
+
+def test_epoch_seed_makes_epochs_reproducible():
+    first = _draws_per_epoch(3)
+    assert first == _draws_per_epoch(3)
+    assert first[1] != first[2] != first[3]
+    # a run resumed after epoch 1 sees epochs 2 and 3 exactly as the uninterrupted run did
+    resumed = _draws_per_epoch(3, start_epoch=1)
+    assert sorted(resumed) == [2, 3] and resumed[2] == first[2] and resumed[3] == first[3]
+    assert _draws_per_epoch(2, seed=8)[1] != first[1]

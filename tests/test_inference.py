@@ -1,0 +1,441 @@
+"""Inference with the bundle: reconstruction of a folder (configs/inference_autoencoder.yaml),
+diffusion training on the latents (configs/train_diffusion.yaml) and sampling
+(configs/inference.yaml). The networks are the session's tiny trained ones (see conftest.py)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+
+from conftest import (
+    DIFFUSION_CONFIGS,
+    GENERATE_CONFIG,
+    RECON_CONFIG,
+    REPO,
+    TINY_DIFFUSION,
+    affine_for,
+    make_workflow,
+    phantom,
+    run_bundle,
+    run_workflow,
+    snapshot,
+    train_overrides,
+    write_volume,
+)
+from scripts import data
+from scripts.checkpoints import save_atomic
+from scripts.networks import FactorAutoencoderKL, Reconstructor
+
+NET = dict(channels=[8, 16, 16], norm_num_groups=8, downsample_factors=[2, 2], mixed_precision=None)
+SPACING = [4.0, 4.0, 4.0]
+TOTAL = 4
+
+
+def marked_phantom(shape, spacing, seed):
+    """A phantom with a bright block near one corner: unlike the phantom itself it is not mirror
+    symmetric, so a reconstruction left flipped (an orientation not undone) would not match."""
+    array = phantom(shape, spacing, seed)
+    array[marker(shape)] = array.max()
+    return array
+
+
+def marker(shape):
+    return tuple(slice(n // 6, n // 6 + n // 4) for n in shape)
+
+
+def recon_overrides(dataset_dir, output_dir, ckpt, **overrides):
+    values = dict(
+        NET,
+        spacing=SPACING,
+        bundle_root=str(REPO),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        autoencoder_ckpt=str(ckpt),
+    )
+    values.update(overrides)
+    return values
+
+
+def preprocessed_shape(path, spacing=SPACING):
+    """The spatial shape the network sees: resampled, cropped to the foreground, padded to the factor."""
+    chain = Compose(data.preprocessing(1, spacing, "mri", (0.5, 99.5), (-1000, 1000), (TOTAL,) * 3))
+    return tuple(chain({"image": str(path)})["image"].shape[1:])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def other_factors_checkpoint(path):
+    """A [4, 2] autoencoder checkpoint in the bundle's format, for the mismatch tests."""
+    args = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 16, 16],
+        latent_channels=3,
+        num_res_blocks=1,
+        attention_levels=[False, False, False],
+        norm_num_groups=8,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        use_checkpoint=False,
+        downsample_factors=[4, 2],
+        layout="space_to_depth",
+    )
+    save_atomic({"autoencoder": FactorAutoencoderKL(**args).state_dict(), "autoencoder_args": args}, path)
+    return path
+
+
+def error_text(error):
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruction of a folder through the CLI: good files among bad ones, run twice
+
+
+@pytest.fixture(scope="module")
+def recon_runs(tmp_path_factory, trained_autoencoder):
+    tmp = tmp_path_factory.mktemp("reconstruction")
+    inputs = tmp / "in"
+    good = {
+        # a shifted origin; and a flipped x axis (LAS) with anisotropic voxels, stored uncompressed
+        "good_a": write_volume(inputs / "good_a.nii.gz", marked_phantom((44, 40, 36), (2.0, 2.0, 2.0), seed=11)),
+        "good_b": write_volume(
+            inputs / "good_b.nii",
+            marked_phantom((30, 34, 26), (1.8, 1.8, 2.2), seed=12),
+            affine=affine_for((30, 34, 26), (1.8, 1.8, 2.2), (5.0, 1.0, -2.0)) @ np.diag([-1.0, 1, 1, 1]),
+        ),
+    }
+    bad = {
+        "corrupt": inputs / "corrupt.nii.gz",
+        "slice": write_volume(inputs / "slice.nii.gz", phantom((40, 40, 20), seed=13)[:, :, 10], affine=np.eye(4)),
+        "two_channel": write_volume(
+            inputs / "two_channel.nii.gz", np.stack([phantom(seed=14), phantom(seed=15)], axis=-1)
+        ),
+        "nan": None,
+    }
+    bad["corrupt"].write_bytes(b"\x1f\x8b but then nothing sensible" * 30)
+    with_nan = phantom(seed=16)
+    with_nan[5:7, 6, 7] = np.nan
+    bad["nan"] = write_volume(inputs / "nan.nii.gz", with_nan)
+    before = snapshot(inputs)
+
+    out = tmp / "out"
+    ckpt = trained_autoencoder["ckpt"]
+    first = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="nifti"))
+    after_first = snapshot(out)
+    second = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="pt"))
+    return dict(
+        inputs=inputs, out=out, good=good, bad=bad, before=before, first=first, second=second, after_first=after_first
+    )
+
+
+def test_reconstruction_exit_status_and_log(recon_runs):
+    for result in (recon_runs["first"], recon_runs["second"]):
+        assert result.returncode == 1, result.stdout[-4000:]
+        log = result.stdout
+        for path in recon_runs["bad"].values():
+            assert f"{path}: " in log, f"{path.name} is not named in the log"
+        assert "2 of 6 done" in log and "4 of 6 failed" in log
+
+
+def test_reconstruction_csv(recon_runs):
+    rows = read_csv(recon_runs["out"] / "reconstruction_metrics.csv")
+    by_file = {row["file"]: row for row in rows}
+    assert len(rows) == 6 and len(by_file) == 6, "one row per input file"
+    for name, path in recon_runs["good"].items():
+        row = by_file[str(path)]
+        assert row["status"] == "ok" and row["error"] == ""
+        psnr, ssim, seconds = float(row["psnr"]), float(row["ssim"]), float(row["seconds"])
+        assert 10 < psnr < 60, f"{name}: PSNR {psnr} (the tiny autoencoder reaches ~16 dB)"
+        assert 0 < ssim <= 1 and 0 < seconds < 60
+        assert row["output"].endswith(f"{name}_recon.nii.gz") and row["latent"].endswith(f"{name}_latent.nii.gz")
+    expected_errors = {
+        "corrupt": "not a readable NIfTI file",
+        "slice": "expected a 3D volume",
+        "two_channel": "has 2 channels",
+        "nan": "contains NaN or infinite values",
+    }
+    for name, path in recon_runs["bad"].items():
+        row = by_file[str(path)]
+        assert row["status"] == "failed" and expected_errors[name] in row["error"], row
+        assert row["output"] == "" and row["psnr"] == ""
+    produced = sorted(p.name for p in recon_runs["out"].iterdir())
+    assert not any(name.startswith(tuple(recon_runs["bad"])) for name in produced), produced
+
+
+def test_reconstruction_keeps_the_input_geometry_and_units(recon_runs, trained_autoencoder):
+    ckpt = torch.load(trained_autoencoder["ckpt"], weights_only=True)
+    autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
+    autoencoder.load_state_dict(ckpt["autoencoder"])
+    autoencoder.eval()
+    for name, path in recon_runs["good"].items():
+        original = nib.load(path)
+        recon = nib.load(recon_runs["out"] / f"{name}_recon.nii.gz")
+        assert recon.shape == original.shape
+        np.testing.assert_allclose(recon.affine, original.affine, atol=1e-4)
+        x, y = np.asarray(original.dataobj, dtype=np.float64), recon.get_fdata()
+        assert np.isfinite(y).all()
+        # back in the input's intensity units (not [0, 1]), within its range, and a reconstruction of it
+        assert x.min() - 1e-3 <= y.min() and y.max() <= x.max() + 1e-3
+        assert y.max() > 0.5 * np.percentile(x, 99.5)
+        corr = np.corrcoef(x.ravel(), y.ravel())[0, 1]
+        assert corr > 0.8, f"{name}: correlation with the input {corr:.3f}"
+        # exactly the network's reconstruction, mapped back through the inverse of the
+        # preprocessing (RAS, resampling, intensity, crop, pad), computed here independently
+        np.testing.assert_allclose(y, expected_reconstruction(path, autoencoder), rtol=0, atol=1e-3 * x.max())
+
+
+def expected_reconstruction(path, autoencoder):
+    chain = Compose(data.preprocessing(1, SPACING, "mri", (0.5, 99.5), (-1000, 1000), (TOTAL,) * 3))
+    item = chain({"image": str(path)})
+    with torch.no_grad():
+        recon = Reconstructor(autoencoder)(item["image"].as_tensor()[None]).clamp(0, 1)
+    item["pred"] = MetaTensor(recon[0])
+    return Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(item)["pred"][0].numpy()
+
+
+def test_latents_nifti_and_pt(recon_runs):
+    out = recon_runs["out"]
+    for name, path in recon_runs["good"].items():
+        spatial = preprocessed_shape(path)
+        latent_shape = tuple(s // TOTAL for s in spatial)
+        nifti = nib.load(out / f"{name}_latent.nii.gz")
+        assert nifti.shape == (*latent_shape, 3)  # channels last, as NIfTI tools expect
+        np.testing.assert_allclose(np.abs(nifti.header.get_zooms()[:3]), [s * TOTAL for s in SPACING], rtol=1e-5)
+        pt = torch.load(out / f"{name}_latent.pt", weights_only=True)
+        assert tuple(pt["z_mu"].shape) == (3, *latent_shape)
+        np.testing.assert_allclose(pt["affine"].numpy(), nifti.affine, atol=1e-4)
+        # both runs encoded the same volume to the same z_mu
+        np.testing.assert_allclose(np.moveaxis(pt["z_mu"].numpy(), 0, -1), nifti.get_fdata(), atol=1e-5)
+
+
+def test_rerun_never_overwrites_and_never_touches_inputs(recon_runs):
+    out = recon_runs["out"]
+    assert snapshot(recon_runs["inputs"]) == recon_runs["before"], "an input file was changed"
+    now = snapshot(out)
+    for name, content in recon_runs["after_first"].items():
+        assert now[name] == content, f"{name} of the first run was overwritten"
+    assert (out / "reconstruction_metrics_1.csv").is_file()
+    second_rows = {r["file"]: r for r in read_csv(out / "reconstruction_metrics_1.csv")}
+    for name, path in recon_runs["good"].items():
+        assert second_rows[str(path)]["output"].endswith(f"{name}_recon_1.nii.gz")
+        first = nib.load(out / f"{name}_recon.nii.gz").get_fdata()
+        again = nib.load(out / f"{name}_recon_1.nii.gz").get_fdata()
+        np.testing.assert_allclose(again, first, atol=1e-5)  # deterministic
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_missing_checkpoint(tmp_path, tiny_dataset):
+    missing = tmp_path / "no_model.pt"
+    workflow = make_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, tmp_path / "out", missing))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert f"autoencoder_ckpt '{missing}' does not exist" in error_text(info.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_checkpoint_of_other_factors(tmp_path, tiny_dataset):
+    ckpt = other_factors_checkpoint(tmp_path / "model_4_2.pt")
+    workflow = make_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, tmp_path / "out", ckpt))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    text = error_text(info.value)
+    assert f"autoencoder_ckpt '{ckpt}' was trained with downsample_factors=[4, 2]" in text
+    assert "the config has downsample_factors=[2, 2]" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# tiled vs whole
+
+
+def test_tiled_matches_whole_volume_reconstruction(tmp_path, trained_autoencoder):
+    inputs = tmp_path / "in"
+    path = write_volume(inputs / "head.nii.gz", phantom((44, 40, 36), (2.0, 2.0, 2.0), seed=21))
+    whole_roi = list(preprocessed_shape(path))
+    assert whole_roi == [24, 20, 20] and all(s > 16 for s in whole_roi)  # fits one window, and needs 8 of 16^3
+    results = {}
+    for name, roi in (("whole", whole_roi), ("default", None), ("tiled", [16, 16, 16])):
+        overrides = {} if roi is None else {"roi_size": roi}
+        out = tmp_path / name
+        run_workflow(RECON_CONFIG, **recon_overrides(inputs, out, trained_autoencoder["ckpt"], **overrides))
+        (row,) = read_csv(out / "reconstruction_metrics.csv")
+        results[name] = (nib.load(out / "head_recon.nii.gz").get_fdata(), float(row["psnr"]))
+
+    original = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    low, high = np.percentile(original, [0.5, 99.5])
+    whole, tiled = results["whole"][0], results["tiled"][0]
+
+    # the default roi_size (128^3) is larger than the volume: the window shrinks to the volume
+    # instead of zero-padding it, so the result is the whole-volume reconstruction exactly
+    np.testing.assert_allclose(results["default"][0], whole, rtol=0, atol=1e-4 * (high - low))
+
+    def psnr(a, b):
+        return 10 * math.log10((high - low) ** 2 / np.mean((a - b) ** 2))
+
+    # Tolerance. Windows of 16^3 with overlap 0.25 and Gaussian blending do NOT reproduce the
+    # whole-volume reconstruction to 35 dB with this network: its receptive field is far larger
+    # than the ~4-voxel margin the blending leaves at each window's edge (zero padding inside a
+    # window vs real neighbours in the whole volume), and every GroupNorm normalises with the
+    # statistics of the window, not of the volume (freezing GroupNorm to the whole volume's
+    # statistics does not close the gap, so the borders dominate). Measured for this 60-iteration
+    # autoencoder: 24.4 dB between tiled and whole (max abs difference ~1/3 of the range), while
+    # both are ~15-16 dB from the input, and moving the whole result by one network voxel (2 input
+    # voxels) gives 19.3-22.1 dB. So the tiled result must agree with the whole one to 20 dB, better
+    # than with a copy displaced by one network voxel on any axis (it is in register), better than
+    # either agrees with the input, and be as good a reconstruction (within 3 dB).
+    agreement = psnr(tiled, whole)
+    assert agreement > 20.0, f"tiled vs whole: {agreement:.1f} dB"
+    assert agreement > max(psnr(whole, np.clip(original, low, high)), psnr(tiled, np.clip(original, low, high)))
+    assert results["tiled"][1] > results["whole"][1] - 3.0
+    for axis in range(3):
+        for shift in (-2, 2):
+            displaced = psnr(tiled, np.roll(whole, shift, axis))
+            assert agreement > displaced, f"tiled result closer to the whole one moved by {shift} on axis {axis}"
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusion training on the latents
+
+
+def test_diffusion_checkpoint_and_scale_factor(trained_diffusion, trained_autoencoder):
+    ckpt = torch.load(trained_diffusion["ckpt"], map_location="cpu", weights_only=True)
+    assert {"diffusion", "diffusion_args", "autoencoder_args", "scale_factor", "spacing", "latent_shape"} <= set(ckpt)
+    ae_ckpt = torch.load(trained_autoencoder["ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["autoencoder_args"] == ae_ckpt["autoencoder_args"]
+    assert ckpt["diffusion_args"]["channels"] == [8, 8] and ckpt["diffusion_args"]["norm_num_groups"] == 8
+    assert ckpt["diffusion_args"]["in_channels"] == 3
+    assert ckpt["spacing"] == SPACING and ckpt["latent_shape"] == [4, 4, 4]
+
+    # recompute 1/std of the training latents with an independent copy of the autoencoder, from
+    # the batches the run used and the same VAE sampling noise
+    seen = trained_diffusion["scale_factor_inputs"]
+    assert seen["calls"] == 1 and len(seen["images"]) == 3  # the three training volumes, once each
+    assert all(tuple(img.shape) == (1, 1, 16, 16, 16) for img in seen["images"])
+    autoencoder = FactorAutoencoderKL(**ae_ckpt["autoencoder_args"])
+    autoencoder.load_state_dict(ae_ckpt["autoencoder"])
+    autoencoder.eval()
+    latents = []
+    with torch.no_grad():
+        for image, state in zip(seen["images"], seen["rng_states"]):
+            torch.set_rng_state(state)
+            latents.append(autoencoder.encode_stage_2_inputs(image).double())
+    expected = 1.0 / torch.cat(latents).std(unbiased=False).item()
+    assert isinstance(ckpt["scale_factor"], float)
+    assert ckpt["scale_factor"] == pytest.approx(expected, rel=1e-6)
+    assert ckpt["scale_factor"] == pytest.approx(seen["result"], rel=1e-12)
+    # ... and it is what the trainer's inferer scaled the latents with
+    inferer = trained_diffusion["workflow"].parser.get_parsed_content("train#inferer")
+    assert inferer.scale_factor == ckpt["scale_factor"]
+    # the diffusion network trained (its weights are not the initial ones)
+    trainer = trained_diffusion["workflow"].parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 3 and np.isfinite(trainer.state.metrics["train_loss"])
+
+
+def test_diffusion_refuses_an_autoencoder_of_other_factors(tmp_path, tiny_dataset):
+    ckpt = other_factors_checkpoint(tmp_path / "ae_4_2.pt")
+    overrides = train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(ckpt), **TINY_DIFFUSION)
+    workflow = make_workflow(DIFFUSION_CONFIGS, **overrides)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    text = error_text(info.value)
+    assert f"autoencoder_ckpt '{ckpt}' was trained with downsample_factors=[4, 2]" in text
+    assert "the config has downsample_factors=[2, 2]" in text
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def generate_overrides(output_dir, trained_autoencoder, diffusion_ckpt, seed=0, **overrides):
+    values = dict(
+        NET,
+        **TINY_DIFFUSION,
+        bundle_root=str(REPO),
+        output_dir=str(output_dir),
+        autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
+        diffusion_ckpt=str(diffusion_ckpt),
+        num_samples=2,
+        num_inference_steps=5,
+        seed=seed,
+    )
+    values.update(overrides)
+    return values
+
+
+def samples(folder, seed, suffix=""):
+    paths = [folder / f"sample_seed{seed}_{i:04d}{suffix}.nii.gz" for i in range(2)]
+    return [nib.load(p) for p in paths]
+
+
+def test_generation(tmp_path, trained_autoencoder, trained_diffusion):
+    out = tmp_path / "generated"
+    ckpt = trained_diffusion["ckpt"]
+    # the real CLI once, then the same seed in process (MONAI's ConfigWorkflow) into the same folder
+    result = run_bundle(GENERATE_CONFIG, **generate_overrides(out, trained_autoencoder, ckpt))
+    assert result.returncode == 0, result.stdout[-4000:]
+    first = samples(out, 0)
+    for image in first:
+        assert image.shape == (16, 16, 16)  # the training patch: latent 4^3 times the total factor 4
+        np.testing.assert_allclose(np.diag(image.affine)[:3], SPACING)  # the training spacing
+        array = image.get_fdata()
+        assert np.isfinite(array).all() and 0 <= array.min() and array.max() <= 1
+    assert not np.array_equal(first[0].get_fdata(), first[1].get_fdata()), "two samples of one run must differ"
+    assert len(read_csv(out / "generated.csv")) == 2
+    written = snapshot(out)
+
+    workflow = run_workflow(GENERATE_CONFIG, **generate_overrides(out, trained_autoencoder, ckpt))
+    again = samples(out, 0, suffix="_1")
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+    now = snapshot(out)
+    assert all(now[name] == content for name, content in written.items()), "the first run's files changed"
+    # the scale factor used is the one saved with the diffusion model
+    saved = torch.load(ckpt, weights_only=True)["scale_factor"]
+    assert workflow.parser.get_parsed_content("inferer").scale_factor == pytest.approx(saved)
+
+    run_workflow(GENERATE_CONFIG, **generate_overrides(out, trained_autoencoder, ckpt, seed=1))
+    other = samples(out, 1)
+    for a, b in zip(first, other):
+        assert not np.allclose(a.get_fdata(), b.get_fdata()), "another seed must give other volumes"
+
+
+def test_generation_uses_the_saved_scale_factor(tmp_path, trained_autoencoder, trained_diffusion):
+    ckpt = torch.load(trained_diffusion["ckpt"], weights_only=True)
+    rescaled = tmp_path / "model_rescaled.pt"
+    save_atomic(dict(ckpt, scale_factor=ckpt["scale_factor"] * 0.25), rescaled)
+    arrays = {}
+    for name, path in (("saved", trained_diffusion["ckpt"]), ("rescaled", rescaled)):
+        out = tmp_path / name
+        workflow = run_workflow(GENERATE_CONFIG, **generate_overrides(out, trained_autoencoder, path))
+        assert workflow.parser.get_parsed_content("inferer").scale_factor == pytest.approx(
+            torch.load(path, weights_only=True)["scale_factor"]
+        )
+        arrays[name] = samples(out, 0)[0].get_fdata()
+    # same seed, same networks: only the scale factor differs, and the volumes follow it
+    assert np.abs(arrays["saved"] - arrays["rescaled"]).max() > 1e-3
+
+
+def test_generation_refuses_image_size_off_the_factor(tmp_path, trained_autoencoder, trained_diffusion):
+    workflow = make_workflow(
+        GENERATE_CONFIG, **generate_overrides(tmp_path, trained_autoencoder, trained_diffusion["ckpt"], image_size=[16, 16, 18])
+    )
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert "image_size [16, 16, 18] is not divisible by [4, 4, 4]" in error_text(info.value)
+    assert not list(tmp_path.glob("sample_*"))

@@ -1,0 +1,251 @@
+"""The autoencoder training bundle end to end, through MONAI's bundle runner: real (tiny) trainings
+with isotropic and anisotropic factors, exact resume, the early refusal of bad inputs and the
+fast_dev_run switch.
+
+Most runs use ``ConfigWorkflow`` in this process (what ``python -m monai.bundle run`` builds, minus
+the interpreter start); one training and one refusal go through the real CLI for its argument
+parsing, log output and exit status.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import (
+    AE_CONFIG,
+    make_workflow,
+    phantom,
+    run_bundle,
+    run_workflow,
+    train_overrides,
+    write_volume,
+)
+from scripts.networks import FactorAutoencoderKL
+
+EPOCH_LENGTH = 3  # four tiny volumes, one for validation, batch size 1
+
+
+def check_training_outputs(out, factors, epochs, epoch_length=EPOCH_LENGTH):
+    """What a finished training leaves in output_dir."""
+    last = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(out / "model_autoencoder.pt", map_location="cpu", weights_only=True)
+    assert {"autoencoder", "discriminator", "optimizer_g", "optimizer_d", "trainer", "autoencoder_args", "best"} <= set(last)
+    assert last["trainer"]["epoch_length"] == epoch_length
+    assert last["trainer"]["iteration"] == epochs * epoch_length  # the trainer's epoch: iteration / epoch_length
+    assert last["trainer"]["max_epochs"] == epochs
+    assert last["optimizer_g"]["state"], "the generator optimizer's state (Adam moments) must be saved"
+    assert last["optimizer_d"]["param_groups"]
+    assert last["autoencoder_args"]["downsample_factors"] == factors
+    assert best["autoencoder_args"] == last["autoencoder_args"]
+    # the recorded validation PSNR: the best saver's state in the resumable checkpoint
+    psnr = last["best"]["best"]
+    assert isinstance(psnr, float) and np.isfinite(psnr) and psnr > 0
+    # both hold a network that a fresh FactorAutoencoderKL of the saved arguments loads strictly
+    for ckpt in (last, best):
+        network = FactorAutoencoderKL(**ckpt["autoencoder_args"])
+        network.load_state_dict(ckpt["autoencoder"])
+        assert network.downsample_factors == FactorAutoencoderKL(**last["autoencoder_args"]).downsample_factors
+    # one preview per validation, a real PNG
+    previews = sorted((out / "previews").glob("*.png"))
+    assert [p.name for p in previews] == [f"reconstruction_epoch{e:04d}.png" for e in range(1, epochs + 1)]
+    header = previews[0].read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 100
+    # the resolved config: every file merged and the overrides applied
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["downsample_factors"] == factors
+    assert config["channels"] == [8, 16, 16] and config["output_dir"] == str(out)
+    assert not list(out.glob(".*")), "temporary files left behind"
+    return last
+
+
+def test_training_factors_2_2(trained_autoencoder):
+    """The session's autoencoder: two epochs of 30 iterations with factors [2, 2] (shared with the
+    other tests)."""
+    check_training_outputs(trained_autoencoder["dir"], [2, 2], epochs=2, epoch_length=30)
+    assert trained_autoencoder["epoch"] == 2
+
+
+def test_training_factors_4_2_through_the_cli(tmp_path, tiny_dataset):
+    result = run_bundle(
+        AE_CONFIG,
+        "training",
+        **train_overrides(tmp_path, tiny_dataset, downsample_factors=[4, 2]),
+    )
+    assert result.returncode == 0, result.stdout[-5000:]
+    log = result.stdout
+    # the startup line names the factors, the total factor and the latent shape of the patch
+    assert "downsample factors (4, 2) (space_to_depth): total 8x, patch 16x16x16 -> latent 3x2x2x2" in log
+    assert "val_psnr:" in log  # the validation PSNR is logged
+    check_training_outputs(tmp_path / "out", [4, 2], epochs=1)
+    assert not (tmp_path / "mlruns.db").exists(), "use_mlflow False must not create a tracking store"
+
+
+def test_training_anisotropic_factors(tmp_path, tiny_dataset, caplog):
+    factors = [[2, 2, 1], [2, 2, 2]]
+    caplog.set_level("INFO")
+    workflow = run_workflow(AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, downsample_factors=factors, patch_size=[16, 16, 12]))
+    assert "downsample factors [[2, 2, 1], [2, 2, 2]] (space_to_depth): total 4x4x2, patch 16x16x12 -> latent 3x4x4x6" in caplog.text
+    last = check_training_outputs(tmp_path / "out", factors, epochs=1)
+    assert last["autoencoder"]["downsample_factors"].tolist() == factors  # recorded in the state dict too
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.metrics["val_psnr"] == pytest.approx(last["best"]["best"])
+    assert 0 < evaluator.state.metrics["val_ssim"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_matches_the_uninterrupted_run(tmp_path, tiny_dataset, trained_autoencoder):
+    """Two epochs in one go (the session's autoencoder) against one epoch plus a resumed second:
+    the second epoch's losses and the final weights agree (deterministic CPU)."""
+    reference = trained_autoencoder["overrides"]
+    overrides = {k: v for k, v in reference.items() if k not in ("output_dir", "tracking_uri", "max_epochs")}
+    first = run_workflow(AE_CONFIG, **overrides, max_epochs=1, output_dir=str(tmp_path / "first"))
+    assert first.parser.get_parsed_content("train#trainer").state.epoch == 1
+    resumed = run_workflow(
+        AE_CONFIG,
+        **overrides,
+        max_epochs=2,
+        output_dir=str(tmp_path / "resumed"),
+        resume_from=str(tmp_path / "first" / "checkpoint_last.pt"),
+    )
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * 30
+    expected = trained_autoencoder["metrics"]
+    assert set(expected) == {"loss", "recon_loss", "kl_loss"}
+    for name, value in expected.items():
+        assert trainer.state.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+    last_ref = torch.load(trained_autoencoder["dir"] / "checkpoint_last.pt", weights_only=True)
+    last_res = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
+    for network in ("autoencoder", "discriminator"):
+        moved = False
+        first_state = torch.load(tmp_path / "first" / "checkpoint_last.pt", weights_only=True)[network]
+        for key, value in last_ref[network].items():
+            torch.testing.assert_close(last_res[network][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{network}.{key}: {m}")
+            moved |= not torch.equal(first_state[key], value)
+        assert moved, f"the {network} must have trained in epoch 2 (else the comparison proves nothing)"
+    assert last_res["best"]["best"] == pytest.approx(last_ref["best"]["best"], rel=1e-5)
+    assert last_res["trainer"]["iteration"] == 2 * 30
+    # the resumed run validated (and previewed) epoch 2 only
+    assert [p.name for p in (tmp_path / "resumed" / "previews").glob("*.png")] == ["reconstruction_epoch0002.png"]
+
+
+def test_resume_past_max_epochs_is_refused(tmp_path, tiny_dataset, trained_autoencoder):
+    workflow = make_workflow(
+        AE_CONFIG,
+        **train_overrides(
+            tmp_path, tiny_dataset, max_epochs=1, resume_from=str(trained_autoencoder["dir"] / "checkpoint_last.pt")
+        ),
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert "checkpoint_last.pt' is at epoch 2, past max_epochs=1" in _error_text(info.value)
+    assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: refused during initialize, before any training, with the key or file named
+
+
+def _error_text(error: BaseException) -> str:
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+def _refused(tmp_path, **overrides) -> str:
+    workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, **overrides))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
+    assert not (tmp_path / "out" / "previews").exists()
+    return _error_text(info.value)
+
+
+@pytest.fixture
+def dataset_copy(tmp_path, tiny_dataset):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_dataset, folder)
+    return folder
+
+
+def test_missing_dataset_dir(tmp_path):
+    text = _refused(tmp_path, dataset_dir=tmp_path / "no_such_folder")
+    assert f"dataset_dir '{tmp_path / 'no_such_folder'}' does not exist" in text
+
+
+def test_empty_dataset_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    text = _refused(tmp_path, dataset_dir=tmp_path / "empty")
+    assert f"dataset_dir '{tmp_path / 'empty'}' holds no .nii/.nii.gz volumes" in text
+
+
+def test_unreadable_file_among_good_ones(tmp_path, dataset_copy):
+    junk = dataset_copy / "vol_99.nii.gz"
+    junk.write_bytes(b"this is not gzip" * 64)
+    text = _refused(tmp_path, dataset_dir=dataset_copy)
+    assert f"volume '{junk}' is not a readable NIfTI file" in text
+
+
+def test_two_channel_volume_with_one_input_channel(tmp_path, dataset_copy):
+    two = write_volume(dataset_copy / "vol_98.nii.gz", np.stack([phantom(), phantom(seed=3)], axis=-1))
+    text = _refused(tmp_path, dataset_dir=dataset_copy)
+    assert f"volume '{two}' has 2 channels" in text and "in_channels is 1" in text
+
+
+def test_patch_size_not_divisible_by_the_total_factor(tmp_path, tiny_dataset):
+    text = _refused(tmp_path, dataset_dir=tiny_dataset, downsample_factors=[4, 2], patch_size=[16, 16, 12])
+    assert "patch_size [16, 16, 12] is not divisible by [8, 8, 8]" in text and "downsample_factors" in text
+
+
+def test_patch_too_small_for_the_discriminator(tmp_path, tiny_dataset):
+    # three strided discriminator layers leave a 16^3 patch 1x1x1 wide: this used to crash only when
+    # the adversarial loss started, after adv_warmup_epochs
+    text = _refused(tmp_path, dataset_dir=tiny_dataset, discriminator_num_layers=3, adv_warmup_epochs=4)
+    assert "patch_size [16, 16, 16] is too small for the discriminator's 3 strided layers" in text
+    assert "discriminator_num_layers" in text
+    # without the adversarial loss the discriminator never runs, and nothing is refused
+    make_workflow(AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, discriminator_num_layers=3, adv_weight=0)).initialize()
+
+
+def test_wrong_length_downsample_factors_through_the_cli(tmp_path, tiny_dataset):
+    result = run_bundle(AE_CONFIG, "training", **train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2, 2]))
+    assert result.returncode != 0
+    assert "downsample_factors has 3 entries [2, 2, 2], but channels (8, 16, 16) needs 2" in result.stdout
+    assert "Engine run" not in result.stdout, "training must not have started"
+    assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
+
+
+def test_resume_from_a_checkpoint_of_other_factors(tmp_path, tiny_dataset, trained_autoencoder):
+    ckpt = trained_autoencoder["dir"] / "checkpoint_last.pt"
+    text = _refused(tmp_path, dataset_dir=tiny_dataset, downsample_factors=[4, 2], resume_from=str(ckpt))
+    assert f"resume_from checkpoint '{ckpt}' was trained with downsample_factors=[2, 2]" in text
+    assert "config has downsample_factors=[4, 2]" in text
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fast_dev_run_writes_no_checkpoint(tmp_path, tiny_dataset):
+    workflow = run_workflow(
+        AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, fast_dev_run=True, max_epochs=5, use_mlflow=True)
+    )
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1 and trainer.state.iteration == 2  # fast_dev_run_batches of one epoch
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.iteration >= 1, "validation must run once"
+    out = tmp_path / "out"
+    assert not (out / "checkpoint_last.pt").exists() and not (out / "model_autoencoder.pt").exists()
+    assert not (out / "previews").exists()
+    assert not (tmp_path / "mlruns.db").exists(), "fast_dev_run must not open an MLflow run"
