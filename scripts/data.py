@@ -198,26 +198,6 @@ def check_patch_size(patch_size: Sequence[int], multiple: Sequence[int], spatial
     return [int(p) for p in patch_size]
 
 
-def check_discriminator_fits(discriminator: torch.nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> None:
-    """Run the discriminator once on a pair of zero patches (training mode, as the trainer does), so
-    a patch too small for its depth fails now, naming the keys, rather than when the adversarial
-    loss starts after ``adv_warmup_epochs``."""
-    was_training = discriminator.training
-    device = next(discriminator.parameters()).device
-    try:
-        with torch.no_grad():
-            discriminator.train()(torch.zeros(2, in_channels, *patch_size, device=device))
-    except (RuntimeError, ValueError) as e:
-        layers = getattr(discriminator, "num_layers_d", "?")
-        raise ValueError(
-            f"patch_size {list(patch_size)} is too small for the discriminator's {layers} strided layers "
-            f"(discriminator_num_layers): every axis of the patch must stay larger than the discriminator's kernels. "
-            f"Use a larger patch_size or a smaller discriminator_num_layers. ({type(e).__name__}: {e})"
-        ) from e
-    finally:
-        discriminator.train(was_training)
-
-
 class NormalizeIntensityd(MapTransform, InvertibleTransform):
     """Scale intensities to [0, 1], clipped: per-volume percentiles for MRI, a fixed HU window for CT.
 

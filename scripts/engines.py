@@ -54,13 +54,18 @@ def build_perceptual_loss(
         return None
     try:
         return PerceptualLoss(spatial_dims=spatial_dims, network_type=network_type, cache_dir=cache_dir, **kwargs)
-    except Exception as e:  # a download or hub failure: say so and go on
+    except ImportError as e:  # e.g. the lpips package behind the torchvision-style networks
+        logger.warning(
+            f"perceptual loss disabled: '{network_type}' needs a package that is not installed ({e}). "
+            f"Training without it; install it, or pick another perceptual_network."
+        )
+    except Exception as e:  # a download or torch.hub failure: say so and go on
         logger.warning(
             f"perceptual loss disabled: the pretrained '{network_type}' weights could not be loaded "
             f"(cache_dir={cache_dir!r}): {type(e).__name__}: {e}. Training without it; point "
             f"perceptual_cache_dir at a torch.hub cache that holds them to use it offline."
         )
-        return None
+    return None
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -95,6 +100,26 @@ class EpochSeed:
         torch.manual_seed(epoch_seed)
         if self.transform is not None:
             self.transform.set_random_state(seed=epoch_seed)
+
+
+def check_discriminator_fits(discriminator: torch.nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> None:
+    """Run the discriminator once on a pair of zero patches (training mode, as the trainer does), so
+    a patch too small for its depth fails now, naming the keys, rather than when the adversarial
+    loss starts after ``adv_warmup_epochs``."""
+    was_training = discriminator.training
+    device = next(discriminator.parameters()).device
+    try:
+        with torch.no_grad():
+            discriminator.train()(torch.zeros(2, in_channels, *patch_size, device=device))
+    except (RuntimeError, ValueError) as e:
+        layers = getattr(discriminator, "num_layers_d", "?")
+        raise ValueError(
+            f"patch_size {list(patch_size)} is too small for the discriminator's {layers} strided layers "
+            f"(discriminator_num_layers): every axis of the patch must stay larger than the discriminator's kernels. "
+            f"Use a larger patch_size or a smaller discriminator_num_layers. ({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        discriminator.train(was_training)
 
 
 def log_network_summary(network: FactorAutoencoderKL, patch_size: Sequence[int]) -> str:

@@ -5,6 +5,7 @@ perceptual-loss fallback and the per-epoch reseeding."""
 from __future__ import annotations
 
 import math
+import importlib.util
 import os
 import random
 import subprocess
@@ -283,7 +284,14 @@ def test_perceptual_loss_unreachable_weights_fall_back(tmp_path):
     out = result.stdout
     for net in ("squeeze", "radimagenet_resnet50"):
         assert f"RESULT {net} None" in out
-        assert f"WARNING perceptual loss disabled: the pretrained '{net}' weights could not be loaded" in out
+    # squeeze needs the lpips package: missing here, which is said as such; the torch.hub network
+    # needs its weights, which the dead proxy keeps out of reach
+    lpips_missing = importlib.util.find_spec("lpips") is None
+    if lpips_missing:
+        assert "WARNING perceptual loss disabled: 'squeeze' needs a package that is not installed" in out
+    else:
+        assert "WARNING perceptual loss disabled: the pretrained 'squeeze' weights could not be loaded" in out
+    assert "WARNING perceptual loss disabled: the pretrained 'radimagenet_resnet50' weights could not be loaded" in out
     assert out.count("Training without it") == 2
     assert not any((tmp_path / "hub").rglob("*.pth")), "nothing should have been downloaded"
 
