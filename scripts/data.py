@@ -284,8 +284,8 @@ def preprocessing(
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS", labels=None),
     ]
-    if spacing is not None:
-        transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))
+    if spacing is not None and not (isinstance(spacing, str) and spacing.lower() in ("none", "null")):
+        transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))  # ("none": the CLI cannot pass None)
     transforms += [
         NormalizeIntensityd(keys, modality, percentiles, ct_window),
         CropForegroundd(keys, source_key=keys, allow_smaller=True),

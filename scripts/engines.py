@@ -31,8 +31,10 @@ PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for ``mixed_precision`` on ``device``; mixed precision is a GPU feature, so
     on CPU it is ignored with a log line."""
+    if isinstance(mixed_precision, str) and mixed_precision.lower() in ("none", "null", "fp32"):
+        mixed_precision = None  # the command line cannot pass None: MONAI drops None overrides
     if mixed_precision not in PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16' or null, got {mixed_precision!r}.")
+        raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16' or null (fp32), got {mixed_precision!r}.")
     if mixed_precision is not None and torch.device(device).type != "cuda":
         logger.info(f"mixed_precision {mixed_precision!r} is ignored on {torch.device(device)}: running in float32.")
         return None
@@ -220,6 +222,10 @@ class AutoencoderKLTrainer(Trainer):
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
 
+    @staticmethod
+    def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        return module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
+
     def _window(self, engine: AutoencoderKLTrainer) -> tuple[bool, bool, int]:
         """(first micro-batch of a window, last one, number of micro-batches in the window)."""
         acc = self.accumulation_steps
@@ -254,34 +260,37 @@ class AutoencoderKLTrainer(Trainer):
             if self.d_optimizer is not None:
                 self.d_optimizer.zero_grad(set_to_none=True)
 
-        with self._autocast():
-            reconstruction, z_mu, z_sigma = self.inferer(images, self.network)
-            recon = reconstruction.float()
-            losses = {"recon_loss": torch.nn.functional.l1_loss(recon, images), "kl_loss": kl_loss(z_mu, z_sigma)}
-            g_loss = self.recon_weight * losses["recon_loss"] + self.kl_weight * losses["kl_loss"]
-            if self.perceptual_loss is not None and self.perceptual_weight > 0:
-                losses["perceptual_loss"] = self.perceptual_loss(recon, images)
-                g_loss = g_loss + self.perceptual_weight * losses["perceptual_loss"]
-            if adversarial:
-                # the generator's loss must not train the critic: its parameters take no gradient here
-                # (and the bare module is called, so DistributedDataParallel syncs only the D step)
-                critic = getattr(self.discriminator, "module", self.discriminator).train().requires_grad_(False)
-                logits_fake = critic(recon.contiguous())[-1]
-                critic.requires_grad_(True)
-                losses["gen_adv_loss"] = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
-                g_loss = g_loss + self.adv_weight * losses["gen_adv_loss"]
-        self.scaler.scale(g_loss / window).backward()
+        # under DistributedDataParallel, gradients are all-reduced once per window, at its last micro-batch
+        with self._no_sync(self.network, last):
+            with self._autocast():
+                reconstruction, z_mu, z_sigma = self.inferer(images, self.network)
+                recon = reconstruction.float()
+                losses = {"recon_loss": torch.nn.functional.l1_loss(recon, images), "kl_loss": kl_loss(z_mu, z_sigma)}
+                g_loss = self.recon_weight * losses["recon_loss"] + self.kl_weight * losses["kl_loss"]
+                if self.perceptual_loss is not None and self.perceptual_weight > 0:
+                    losses["perceptual_loss"] = self.perceptual_loss(recon, images)
+                    g_loss = g_loss + self.perceptual_weight * losses["perceptual_loss"]
+                if adversarial:
+                    # the generator's loss must not train the critic: its parameters take no gradient here
+                    # (and the bare module is called, so DistributedDataParallel syncs only the D step)
+                    critic = getattr(self.discriminator, "module", self.discriminator).train().requires_grad_(False)
+                    logits_fake = critic(recon.contiguous())[-1]
+                    critic.requires_grad_(True)
+                    losses["gen_adv_loss"] = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                    g_loss = g_loss + self.adv_weight * losses["gen_adv_loss"]
+            self.scaler.scale(g_loss / window).backward()
 
         if adversarial:
-            with self._autocast():  # fakes and reals in one forward (per-sample InstanceNorm)
-                logits = self.discriminator(torch.cat([recon.detach(), images]).contiguous())[-1]
-                logits_fake, logits_real = logits.float().chunk(2)
-                d_loss = 0.5 * (
-                    self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
-                    + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
-                )
-                losses["disc_loss"] = d_loss
-            self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
+            with self._no_sync(self.discriminator, last):
+                with self._autocast():  # fakes and reals in one forward (per-sample InstanceNorm)
+                    logits = self.discriminator(torch.cat([recon.detach(), images]).contiguous())[-1]
+                    logits_fake, logits_real = logits.float().chunk(2)
+                    d_loss = 0.5 * (
+                        self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                        + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True)
+                    )
+                    losses["disc_loss"] = d_loss
+                self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
 
         # one host sync per step: all loss values at once, checked before any optimizer step
         losses["loss"] = g_loss

@@ -172,9 +172,12 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
 
 
 def test_autocast_dtype():
-    for bad in ("fp32", "bfloat16", "16-mixed", True):
+    for bad in ("bfloat16", "16-mixed", True):
         with pytest.raises(ValueError, match="mixed_precision must be one of 'bf16', 'fp16' or null"):
             autocast_dtype(bad, "cpu")
+    # float32 spelled as text, because the command line cannot pass None
+    for fp32 in ("none", "None", "fp32", "null"):
+        assert autocast_dtype(fp32, "cuda") is None
     for precision in (None, "bf16", "fp16"):
         assert autocast_dtype(precision, "cpu") is None
         assert autocast_dtype(precision, torch.device("cpu")) is None
