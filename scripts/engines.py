@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -22,6 +23,7 @@ from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.transforms import Randomizable
 
 from scripts.networks import FactorAutoencoderKL, _fmt
+from scripts.tracking import active_parser
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +346,18 @@ def latent_scale_factor(
     scale = 1.0 / std
     logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {count} latent values)")
     return scale
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group once the config's objects (and the DistributedDataParallel wrappers
+    they hold) are gone: a wrapper still alive at interpreter exit, after the group is destroyed,
+    aborts the process now and then ("terminate called without an active exception", seen with gloo)."""
+    parser = active_parser()
+    if parser is not None:
+        parser.ref_resolver.reset()  # drop the resolved objects: trainer, networks, wrappers
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequence[int]) -> list[int]:

@@ -26,17 +26,19 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def export_config(path: str | Path) -> str:
-    """Write the config being run (all files merged, command-line overrides applied) to ``path``.
-
-    MONAI hands a config expression no reference to its parser, so the parser is found on the call
-    stack: the one evaluating this expression. This is what ``--tracking mlflow`` saves as its
-    ``save_execute_config`` artifact; we save it without needing that flag.
-    """
-    parser = next(
+def active_parser() -> ConfigParser | None:
+    """The ``ConfigParser`` evaluating the current config expression. MONAI hands an expression no
+    reference to its parser, so it is found on the call stack."""
+    return next(
         (f.frame.f_locals["self"] for f in inspect.stack() if isinstance(f.frame.f_locals.get("self"), ConfigParser)),
         None,
     )
+
+
+def export_config(path: str | Path) -> str:
+    """Write the config being run (all files merged, command-line overrides applied) to ``path``:
+    what ``--tracking mlflow`` saves as its ``save_execute_config`` artifact, without that flag."""
+    parser = active_parser()
     if parser is None:
         raise RuntimeError("export_config must be called from a bundle config expression.")
     if is_rank0():

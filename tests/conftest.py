@@ -39,6 +39,19 @@ RECON_CONFIG = str(CONFIGS / "inference_autoencoder.yaml")
 GENERATE_CONFIG = str(CONFIGS / "inference.yaml")
 
 # the network and data keys shared by every config, at their tiny values
+# a tiny autoencoder built directly in Python (the config overrides below build the same shape)
+TINY_AUTOENCODER = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    channels=(8, 16, 16),
+    latent_channels=3,
+    num_res_blocks=1,
+    attention_levels=(False, False, False),
+    norm_num_groups=8,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+)
 TINY_NET = dict(channels=[8, 16, 16], norm_num_groups=8, spacing=[4.0, 4.0, 4.0], mixed_precision=None)
 # training-only keys
 TINY_TRAIN = dict(

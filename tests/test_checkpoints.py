@@ -22,18 +22,9 @@ from scripts.checkpoints import (
 )
 from scripts.networks import FactorAutoencoderKL
 
-TINY = dict(
-    spatial_dims=3,
-    in_channels=1,
-    out_channels=1,
-    channels=(8, 16, 16),
-    latent_channels=3,
-    num_res_blocks=1,
-    attention_levels=(False, False, False),
-    norm_num_groups=8,
-    with_encoder_nonlocal_attn=False,
-    with_decoder_nonlocal_attn=False,
-)
+from conftest import TINY_AUTOENCODER
+
+TINY = TINY_AUTOENCODER
 
 
 def tiny_ae(seed=0, **kwargs):

@@ -97,7 +97,8 @@ def dataset6(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, dataset6):
     tmp = tmp_path_factory.mktemp("ddp_cli")
-    overrides = train_overrides(tmp, dataset6, use_mlflow=True, adv_warmup_epochs=0)
+    # val_fraction 0.1: one validation volume for two ranks, so both validate it (no shard is empty)
+    overrides = train_overrides(tmp, dataset6, use_mlflow=True, adv_warmup_epochs=0, val_fraction=0.1)
     overrides.pop("mixed_precision")  # None does not survive the CLI (dropped); bf16 is ignored on CPU anyway
     config_arg = "[" + ",".join(f"'{c}'" for c in AE_DDP_CONFIGS) + "]"
     args = ["-m", "monai.bundle", "run", "training", "--config_file", config_arg]
@@ -121,7 +122,7 @@ def test_cli_autoencoder_training_on_two_processes(cli_run):
         assert log.count(f"saved {out / name}") == 1, failure(result, f"{name} saved more than once")
     assert not list(out.glob(".*")), "temporary files left behind"
     last = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-    assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"] == 2  # 1 epoch, 4 volumes over 2 ranks
+    assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"] == 3  # 1 epoch, 5 volumes over 2 ranks, padded to 6
     assert not any(k.startswith("module.") for k in last["autoencoder"]), "the bare network's keys, not DDP's"
     assert not any(k.startswith("module.") for k in last["discriminator"])
     assert last["optimizer_d"]["state"], "the discriminator trained (adv_warmup_epochs 0)"
@@ -137,7 +138,7 @@ def test_cli_autoencoder_training_on_two_processes(cli_run):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_name.startswith("autoencoder_")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_step")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_step")] == [1, 2, 3]
     assert "disc_loss_step" in run.data.metrics  # the adversarial branch ran
     assert "val_psnr" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint_last.pt", "config.yaml"}

@@ -20,7 +20,7 @@ from monai.data import DataLoader
 from monai.networks.nets import PatchDiscriminator
 from monai.transforms import RandSpatialCropd
 
-from conftest import REPO
+from conftest import REPO, TINY_AUTOENCODER
 from scripts import engines
 from scripts.checkpoints import save_atomic
 from scripts.engines import (
@@ -40,18 +40,7 @@ FACTORS = [2, 2]
 
 def tiny_pair(seed: int = 0):
     torch.manual_seed(seed)
-    ae = FactorAutoencoderKL(
-        spatial_dims=3,
-        channels=(8, 16, 16),
-        latent_channels=3,
-        num_res_blocks=1,
-        attention_levels=(False, False, False),
-        norm_num_groups=8,
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-        downsample_factors=FACTORS,
-        layout="space_to_depth",
-    )
+    ae = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=FACTORS, layout="space_to_depth")
     disc = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=8, in_channels=1, out_channels=1, norm="INSTANCE")
     return ae, disc
 
