@@ -24,7 +24,6 @@ A job that raises leaves its traceback in ``result + ".error<rank>"`` and the wo
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -122,10 +121,6 @@ def main(spec_path: str) -> int:
         traceback.print_exc()
         Path(job["result"] + f".error{rank}").write_text(traceback.format_exc())
         return 1
-    # free the workflow's DistributedDataParallel wrappers now (they sit in reference cycles): one
-    # still alive at interpreter shutdown, holding its gloo process group, intermittently aborts the
-    # process ("terminate called without an active exception", exit -6) after a successful run
-    gc.collect()
     if rank == 0:
         Path(job["result"]).write_text(json.dumps(result, indent=1))
     print(f"rank {rank}: job {job['name']} done", flush=True)
