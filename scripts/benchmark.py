@@ -28,7 +28,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDPMScheduler
 
-from scripts.engines import AutoencoderKLTrainer
+from scripts.engines import AutoencoderKLTrainer, autocast
 from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def diffusion_step(
         optimizer.zero_grad(set_to_none=True)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch_size,), device=device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             pred = unet(scheduler.add_noise(latents, noise, t), timesteps=t)
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
@@ -147,7 +147,7 @@ def reconstruction(size: Sequence[int], overrides: dict, device: torch.device) -
     volume = torch.rand(1, 1, *size, device=device)
 
     def step() -> Any:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(device, amp_dtype):
             return inferer(volume, network).float().mean().item()
 
     return step

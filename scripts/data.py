@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset, load_decathlon_datalist
+from monai.data.utils import pickle_hashing
 import torch
 from monai.transforms import (
     CropForegroundd,
@@ -302,7 +303,9 @@ def make_dataset(data: Sequence[dict], transform, cache: str = "memory", cache_d
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache 'disk' needs cache_dir, a folder for PersistentDataset's files.")
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
+        # the transforms' settings are part of the cache key, so a cache written with other factors,
+        # spacing or intensity settings is never read back
+        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
     if cache == "none":
         return Dataset(data, transform)
     raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}.")

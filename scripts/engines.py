@@ -43,6 +43,11 @@ def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> t
     return PRECISIONS[mixed_precision]
 
 
+def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``amp_dtype`` on ``device``; a no-op for ``None`` (float32)."""
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL divergence to the unit Gaussian, summed over the latent and averaged over the batch."""
     kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2)) - 1)
@@ -219,11 +224,6 @@ class AutoencoderKLTrainer(Trainer):
         # MONAI's Trainer.run replaces self.scaler; ours come from __init__ and are restored on resume.
         super(Trainer, self).run()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
-
     @staticmethod
     def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         return module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
@@ -264,7 +264,7 @@ class AutoencoderKLTrainer(Trainer):
 
         # under DistributedDataParallel, gradients are all-reduced once per window, at its last micro-batch
         with self._no_sync(self.network, last):
-            with self._autocast():
+            with autocast(self.state.device, self.amp_dtype):
                 reconstruction, z_mu, z_sigma = self.inferer(images, self.network)
                 recon = reconstruction.float()
                 losses = {"recon_loss": torch.nn.functional.l1_loss(recon, images), "kl_loss": kl_loss(z_mu, z_sigma)}
@@ -284,7 +284,7 @@ class AutoencoderKLTrainer(Trainer):
 
         if adversarial:
             with self._no_sync(self.discriminator, last):
-                with self._autocast():  # fakes and reals in one forward (per-sample InstanceNorm)
+                with autocast(self.state.device, self.amp_dtype):  # fakes and reals in one forward (per-sample InstanceNorm)
                     logits = self.discriminator(torch.cat([recon.detach(), images]).contiguous())[-1]
                     logits_fake, logits_real = logits.float().chunk(2)
                     d_loss = 0.5 * (

@@ -4,7 +4,6 @@ run's CSV, and the run's exit status says whether anything failed."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -24,6 +23,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from scripts.checkpoints import atomic_path, save_atomic
 from scripts.data import save_nifti_atomic
+from scripts.engines import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,6 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
-
     def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
         (item,) = batchdata
         start = time.perf_counter()
@@ -192,7 +187,7 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         image = item["image"]
         x = image.as_tensor().unsqueeze(0).to(self.state.device)
         self.network.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
             recon = self.inferer(x, self.network).float().clamp(0, 1)
         psnr = float(self.psnr(recon, x).mean())
         ssim = float(self.ssim(recon, x).mean()) if min(x.shape[2:]) >= 11 else float("nan")
@@ -206,7 +201,7 @@ class ReconstructionEvaluator(SupervisedEvaluator):
 
     def _write_latent(self, x: torch.Tensor, image: MetaTensor, path: str) -> Path:
         autoencoder = self.network.autoencoder
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
             z_mu = self.latent_inferer(x, LatentEncoder(autoencoder)).float()[0].cpu()
         # a latent voxel summarises a block of `factor` input voxels: its centre sets the affine
         factor = autoencoder.total_factor
@@ -268,12 +263,7 @@ class GenerationEvaluator(SupervisedEvaluator):
         noise = torch.randn((1, *self.latent_shape), generator=generator).to(self.state.device)
         self.network.eval()
         self.autoencoder.eval()
-        autocast = (
-            torch.autocast(torch.device(self.state.device).type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
             image = self.inferer.sample(
                 input_noise=noise,
                 autoencoder_model=self.autoencoder,

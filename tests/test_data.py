@@ -332,3 +332,17 @@ def test_make_dataset_modes(tmp_path):
         data.make_dataset(items, chain, cache="ram")
     with pytest.raises(ValueError, match="cache 'disk' needs cache_dir"):
         data.make_dataset(items, chain, cache="disk", cache_dir=None)
+
+
+def test_disk_cache_is_keyed_by_the_transforms(tmp_path):
+    """A PersistentDataset cache written with one total factor is not read back for another."""
+    from monai.transforms import Compose
+
+    path = write_volume(tmp_path / "v.nii.gz", phantom((30, 34, 26)))
+    shapes = []
+    for multiple in ((4, 4, 4), (16, 16, 16)):
+        transform = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), multiple))
+        dataset = data.make_dataset([{"image": str(path)}], transform, cache="disk", cache_dir=str(tmp_path / "cache"))
+        shapes.append(tuple(dataset[0]["image"].shape[1:]))
+    assert all(s % 4 == 0 for s in shapes[0]) and all(s % 16 == 0 for s in shapes[1])
+    assert shapes[0] != shapes[1]
