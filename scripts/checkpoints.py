@@ -192,7 +192,7 @@ class AtomicCheckpointSaver:
         if trainer is not None:
             objects["trainer"] = trainer
             objects.update({name: getattr(trainer, name) for name in self.engine_attributes if hasattr(trainer, name)})
-        save_atomic({k: _state(v) for k, v in objects.items()}, self.path)
+        save_atomic({k: _state(v) for k, v in objects.items() if v is not None}, self.path)
         logger.info(f"saved {self.path}")
 
     def state_dict(self) -> dict:
@@ -227,7 +227,8 @@ class ResumeFromCheckpoint:
         ckpt = load_checkpoint(self.path, "resume_from checkpoint")
         for key, configured in self.args.items():
             check_args(ckpt.get(key), configured, self.path, "resume_from checkpoint")
-        missing = sorted(k for k in [*self.load_dict, "trainer"] if k not in ckpt)
+        wanted = [k for k, obj in self.load_dict.items() if obj is not None]
+        missing = sorted(k for k in [*wanted, "trainer"] if k not in ckpt)
         if missing:
             raise ValueError(f"resume_from checkpoint '{self.path}' lacks {missing}; it holds {sorted(ckpt)}.")
 
@@ -239,7 +240,8 @@ class ResumeFromCheckpoint:
         self.check()
         ckpt = load_checkpoint(self.path, "resume_from checkpoint")
         for key, obj in self.load_dict.items():
-            obj.load_state_dict(ckpt[key])
+            if obj is not None:
+                obj.load_state_dict(ckpt[key])
         for name in self.engine_attributes:
             if name in ckpt and getattr(engine, name, None) is not None:
                 getattr(engine, name).load_state_dict(ckpt[name])

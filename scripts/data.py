@@ -199,11 +199,14 @@ def check_patch_size(patch_size: Sequence[int], multiple: Sequence[int], spatial
     return [int(p) for p in patch_size]
 
 
-class NormalizeIntensityd(MapTransform, InvertibleTransform):
-    """Scale intensities to [0, 1], clipped: per-volume percentiles for MRI, a fixed HU window for CT.
+class UnitIntensityRanged(MapTransform, InvertibleTransform):
+    """Map an intensity range linearly onto [0, 1]: per-volume percentiles for MRI (arbitrary units),
+    a fixed HU window for CT.
 
-    The range used is recorded with the image, so ``Invertd`` maps a reconstruction back to the
-    input's own intensity units.
+    Nothing is clipped: values outside the range keep their distance beyond 0 or 1 (CT bone above the
+    window, the brightest vessels of an MRI above p99.5), the network learns them like any other, and
+    the inverse returns them in the input's own units. The range used is recorded with the image, so
+    ``Invertd`` maps a reconstruction back.
     """
 
     def __init__(
@@ -229,7 +232,7 @@ class NormalizeIntensityd(MapTransform, InvertibleTransform):
             else:
                 low, high = self.ct_window
             high = max(high, low + 1e-6)  # a constant volume maps to 0
-            d[key] = ((image - low) / (high - low)).clamp(0.0, 1.0)
+            d[key] = (image - low) / (high - low)
             self.push_transform(d, key, extra_info={"low": low, "high": high})
         return d
 
@@ -276,8 +279,9 @@ def preprocessing(
     keys: str = "image",
 ) -> list:
     """The one preprocessing chain of training, validation and inference: check, load, channel
-    first, RAS, optional resampling, intensity to [0, 1], foreground crop, pad to the network's
-    multiple. Every spatial step is invertible, so reconstructions return to the input geometry."""
+    first, RAS, optional resampling, intensity range to [0, 1] (unclipped), foreground crop, pad to
+    the network's multiple. Every step is invertible, so reconstructions return to the input's
+    geometry and units."""
     transforms = [
         CheckVolumed(keys, in_channels),
         LoadImaged(keys, image_only=True),
@@ -288,7 +292,7 @@ def preprocessing(
     if spacing is not None and not (isinstance(spacing, str) and spacing.lower() in ("none", "null")):
         transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))  # ("none": the CLI cannot pass None)
     transforms += [
-        NormalizeIntensityd(keys, modality, percentiles, ct_window),
+        UnitIntensityRanged(keys, modality, percentiles, ct_window),
         CropForegroundd(keys, source_key=keys, allow_smaller=True),
         DivisiblePadd(keys, k=multiple),
         EnsureTyped(keys, dtype=torch.float32),

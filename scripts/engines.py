@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,11 +16,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
+from ignite.handlers import TimeLimit as IgniteTimeLimit
 from ignite.metrics import Average
 from monai.engines import Trainer
 from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
 from monai.inferers import Inferer, LatentDiffusionInferer, SimpleInferer
-from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.losses import JukeboxLoss, PatchAdversarialLoss, PerceptualLoss, SSIMLoss
+from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Randomizable
 
 from scripts.networks import FactorAutoencoderKL, _fmt
@@ -77,6 +80,29 @@ def build_perceptual_loss(
     return None
 
 
+def build_auxiliary_losses(spatial_dims: int = 3, ssim_weight: float = 0.0, spectral_weight: float = 0.0) -> dict:
+    """Reconstruction losses beside L1 that need no download, as ``{name: (loss, weight)}`` for the
+    weights above 0: ``ssim_loss`` (MONAI's ``SSIMLoss``: 1 - SSIM, local structure and contrast) and
+    ``spectral_loss`` (MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes, which penalises the
+    loss of high frequencies that L1 alone lets a model trade for blur)."""
+    losses: dict[str, tuple[nn.Module, float]] = {}
+    if ssim_weight > 0:
+        losses["ssim_loss"] = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0), float(ssim_weight))
+    if spectral_weight > 0:
+        losses["spectral_loss"] = (JukeboxLoss(spatial_dims=spatial_dims), float(spectral_weight))
+    return losses
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int) -> Any:
+    """The learning-rate schedule per optimizer step: ``constant`` (after a linear warm-up of
+    ``warmup_steps``) or ``cosine`` (warm-up, then a cosine decay to 0 at ``total_steps``)."""
+    if schedule == "cosine":
+        return WarmupCosineSchedule(optimizer, warmup_steps=warmup_steps, t_total=max(total_steps, warmup_steps + 1))
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and torch; ``deterministic`` also makes cuDNN pick deterministic kernels
     (reproducible to the bit on one GPU, somewhat slower), otherwise it benchmarks for speed."""
@@ -109,6 +135,19 @@ class EpochSeed:
         torch.manual_seed(epoch_seed)
         if self.transform is not None:
             self.transform.set_random_state(seed=epoch_seed)
+
+
+class TimeLimit(IgniteTimeLimit):
+    """Ignite's ``TimeLimit`` as a MONAI handler: counted from the engine's start (data caching is not
+    training time), checked after every iteration; the engine then ends as if complete, so the last
+    checkpoint is written. For long trainings in stages of a fixed length."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.start_time = time.time()
 
 
 def check_discriminator_fits(discriminator: torch.nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> None:
@@ -150,7 +189,8 @@ class AutoencoderKLTrainer(Trainer):
     """VAE-GAN training of a (factor-aware) ``AutoencoderKL`` on MONAI's ignite ``Trainer``.
 
     The generator loss is ``recon_weight * L1 + kl_weight * KL (+ perceptual_weight * perceptual)
-    (+ adv_weight * adversarial once the epoch passes adv_warmup_epochs)``; the ``PatchDiscriminator``
+    (+ weight * loss for each of auxiliary_losses) (+ adv_weight * adversarial once the epoch passes
+    adv_warmup_epochs)``; the ``PatchDiscriminator``
     trains on the same batch with a least-squares loss. Gradient accumulation is exact: each
     micro-batch loss is divided by the number of micro-batches in its window (the last window of an
     epoch may be short), and the optimizers step at the window's end, so N accumulated batches of B
@@ -175,6 +215,7 @@ class AutoencoderKLTrainer(Trainer):
         adv_warmup_epochs: int = 0,
         perceptual_loss: nn.Module | None = None,
         perceptual_weight: float = 0.0,
+        auxiliary_losses: dict[str, tuple[nn.Module, float]] | None = None,
         accumulation_steps: int = 1,
         amp_dtype: torch.dtype | None = None,
         epoch_length: int | None = None,
@@ -211,6 +252,9 @@ class AutoencoderKLTrainer(Trainer):
         self.adv_warmup_epochs = adv_warmup_epochs
         self.perceptual_loss = perceptual_loss
         self.perceptual_weight = perceptual_weight
+        self.auxiliary_losses = dict(auxiliary_losses or {})
+        for loss, _ in self.auxiliary_losses.values():
+            loss.to(device)
         self.accumulation_steps = accumulation_steps
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.amp_dtype = amp_dtype
@@ -272,6 +316,9 @@ class AutoencoderKLTrainer(Trainer):
                 if self.perceptual_loss is not None and self.perceptual_weight > 0:
                     losses["perceptual_loss"] = self.perceptual_loss(recon, images)
                     g_loss = g_loss + self.perceptual_weight * losses["perceptual_loss"]
+                for name, (loss_fn, weight) in self.auxiliary_losses.items():
+                    losses[name] = loss_fn(recon, images)
+                    g_loss = g_loss + weight * losses[name]
                 if adversarial:
                     # the generator's loss must not train the critic: its parameters take no gradient here
                     # (and the bare module is called, so DistributedDataParallel syncs only the D step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import math
 import time
@@ -18,12 +19,12 @@ import torch
 import torch.nn as nn
 from monai.data import Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
-from monai.inferers import Inferer, LatentDiffusionInferer, SlidingWindowInferer
-from monai.metrics import PSNRMetric, SSIMMetric
+from monai.inferers import Inferer, LatentDiffusionInferer
 
 from scripts.checkpoints import atomic_path, save_atomic
 from scripts.data import save_nifti_atomic
 from scripts.engines import autocast
+from scripts.metrics import body_mask, masked_quality
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +44,69 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class FittedSlidingWindowInferer(SlidingWindowInferer):
-    """MONAI's ``SlidingWindowInferer`` whose window never exceeds the input: along an axis where the
-    volume is smaller than ``roi_size`` the window takes the volume's size instead of zero-padding the
-    volume up to ``roi_size``. Padding would change every GroupNorm's statistics and so the whole
-    reconstruction; with this, a volume that fits is processed whole, in one window, whatever the
-    configured ``roi_size``. (Inputs are padded to the network's multiple first, so the fitted window
-    stays divisible by the total factor.)"""
+def _tiles(size: int, roi: int, margin: int) -> list[tuple[int, int, int]]:
+    """``(window_start, core_start, core_end)`` along one axis: windows of ``roi`` voxels whose cores
+    partition ``[0, size)``, each core at least ``margin`` voxels inside its window except at the
+    volume's own borders. Sizes are multiples of the network's factor, so every start is too."""
+    if size <= roi:
+        return [(0, 0, size)]
+    tiles, core = [], 0
+    while core < size:
+        start = min(max(core - margin, 0), size - roi)
+        end = size if start + roi >= size else start + roi - margin
+        tiles.append((start, core, end))
+        core = end
+    return tiles
 
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        configured = self.roi_size
+
+class TiledInferer(Inferer):
+    """Whole-volume inference in windows of at most ``roi_size`` voxels, equal to running the network
+    on the whole volume.
+
+    Each window is read with ``margin`` voxels of real context on every side and only its centre
+    (the core) is kept; the cores tile the volume. Nothing is padded and nothing is blended, so
+    where the network's receptive field (in practice, its effective one) fits within the margin the
+    result is the whole-volume result, whatever the window size. This needs a network without
+    statistics over space (``norm="channel"``, no attention): ``GroupNorm`` normalises each window by
+    its own statistics. Window starts are multiples of the inputs' size multiple (inputs are padded
+    to the network's total factor first), so every window sees the same latent grid.
+
+    Args:
+        roi_size: the largest window, per axis; a volume smaller than it along an axis is not split there.
+        margin: voxels of context around each kept core; rounded up to a multiple of ``multiple``.
+        multiple: the network's total downsampling factor per axis (``spatial_multiple``).
+    """
+
+    def __init__(self, roi_size: Sequence[int], margin: int = 16, multiple: Sequence[int] | int = 1) -> None:
+        super().__init__()
+        self.roi_size = tuple(int(r) for r in roi_size)
+        multiples = (multiple,) * len(self.roi_size) if isinstance(multiple, int) else tuple(multiple)
+        if any(r % m for r, m in zip(self.roi_size, multiples)):
+            raise ValueError(f"roi_size {list(self.roi_size)} must be a multiple of the total factor {list(multiples)} per axis.")
+        self.margins = tuple(math.ceil(int(margin) / m) * m for m in multiples)
+        if any(r <= 2 * g for r, g in zip(self.roi_size, self.margins)):
+            raise ValueError(
+                f"roi_size {list(self.roi_size)} must exceed twice the margin {list(self.margins)} (sw_margin, rounded "
+                f"up to the total factor) on every axis, so that each window keeps a centre; use a larger roi_size or a smaller sw_margin."
+            )
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         spatial = inputs.shape[2:]
-        roi = (configured,) * len(spatial) if isinstance(configured, int) else tuple(configured)
-        self.roi_size = tuple(s if r <= 0 else min(int(r), int(s)) for r, s in zip(roi, spatial))
-        try:
-            return super().__call__(inputs, network, *args, **kwargs)
-        finally:
-            self.roi_size = configured
+        axes = [_tiles(s, r, g) for s, r, g in zip(spatial, self.roi_size, self.margins)]
+        if all(len(a) == 1 for a in axes):
+            return network(inputs, *args, **kwargs)
+        output = None
+        for tile in itertools.product(*axes):
+            window = tuple(slice(start, min(start + r, s)) for (start, _, _), r, s in zip(tile, self.roi_size, spatial))
+            pred = network(inputs[(..., *window)], *args, **kwargs)
+            # the network may change the spatial size by a fixed ratio (an encoder): map the core through it
+            ratio = [p / (w.stop - w.start) for p, w in zip(pred.shape[2:], window)]
+            if output is None:
+                output = pred.new_zeros((*pred.shape[:2], *(round(s * q) for s, q in zip(spatial, ratio))))
+            core_out = tuple(slice(round(c0 * q), round(c1 * q)) for (_, c0, c1), q in zip(tile, ratio))
+            core_in = tuple(slice(round((c0 - w0) * q), round((c1 - w0) * q)) for (w0, c0, c1), q in zip(tile, ratio))
+            output[(..., *core_out)] = pred[(..., *core_in)]
+        return output
 
 
 class SafeDataset(Dataset):
@@ -129,8 +176,9 @@ class ReconstructionEvaluator(SupervisedEvaluator):
     """Encode and decode every volume of ``val_data_loader`` (a :class:`SafeDataset` with batch size 1
     and ``no_collation``), write the reconstruction in the input's own geometry and intensity units
     (``postprocessing`` holds the ``Invertd``), optionally the latent ``z_mu``, and a CSV of PSNR and
-    SSIM (on the normalised [0, 1] volume) and time per file. Large volumes go through ``inferer``
-    (sliding windows with Gaussian blending) so memory stays bounded.
+    SSIM (the measure of :mod:`scripts.metrics`, on the preprocessed volume; ``python -m
+    scripts.evaluate`` takes it in the input's own grid) and time per file. Large volumes go through
+    ``inferer`` (:class:`TiledInferer`) so memory stays bounded.
     """
 
     def __init__(
@@ -163,8 +211,6 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         self.save_latent = save_latent
         self.amp_dtype = amp_dtype
         self.results = ResultsCSV(unique_path(self.output_dir / "reconstruction_metrics.csv"))
-        self.psnr = PSNRMetric(max_val=1.0)
-        self.ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
 
     def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
         (item,) = batchdata
@@ -188,9 +234,9 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         x = image.as_tensor().unsqueeze(0).to(self.state.device)
         self.network.eval()
         with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
-            recon = self.inferer(x, self.network).float().clamp(0, 1)
-        psnr = float(self.psnr(recon, x).mean())
-        ssim = float(self.ssim(recon, x).mean()) if min(x.shape[2:]) >= 11 else float("nan")
+            recon = self.inferer(x, self.network).float()
+        quality = masked_quality(x, recon, body_mask(x))  # the bundle's measure, on the preprocessed grid
+        psnr, ssim = quality["psnr"], quality["ssim"]
         out = self.invert({"image": image, "pred": MetaTensor(recon[0].cpu())})["pred"]
         output = unique_path(self.output_dir / f"{_stem(path)}_recon.nii.gz")
         save_nifti_atomic(out[0].numpy().astype(np.float32), out.affine.numpy(), output)

@@ -27,6 +27,8 @@ from monai.utils import ensure_tuple_rep
 
 __all__ = [
     "LAYOUTS",
+    "NORMS",
+    "ChannelNorm",
     "FactorAutoencoderKL",
     "FactorDecoder",
     "FactorDownsample",
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 LAYOUTS = ("strided", "space_to_depth")
+NORMS = ("group", "channel")
 Factors = tuple[tuple[int, ...], ...]
 
 
@@ -161,6 +164,27 @@ class DepthToSpace(nn.Module):
         return _depth_to_space(x, self.factor)
 
 
+class ChannelNorm(nn.Module):
+    """Layer normalisation over the channels of each voxel, with a learned scale and shift per channel.
+
+    Unlike ``GroupNorm`` it takes no statistics over space, so a voxel's output depends on its
+    receptive field alone: a volume reconstructed in sliding windows equals the volume reconstructed
+    whole (up to the windows' borders), and a network trained on patches sees the same statistics at
+    inference on whole volumes. Its parameters are named as ``GroupNorm``'s (``weight``, ``bias``).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
 def _conv3(spatial_dims: int, in_channels: int, out_channels: int) -> Convolution:
     return Convolution(
         spatial_dims=spatial_dims,
@@ -199,14 +223,21 @@ def _upsample(spatial_dims: int, channels: int, factor: Sequence[int], use_convt
 class _LevelBuilder:
     """Shared block builder, so encoder and decoder stack levels the way MONAI's do."""
 
-    def __init__(self, spatial_dims: int, norm_num_groups: int, norm_eps: float, attn_kwargs: dict[str, Any]):
+    def __init__(
+        self, spatial_dims: int, norm_num_groups: int, norm_eps: float, attn_kwargs: dict[str, Any], norm: str = "group"
+    ):
         self.spatial_dims = spatial_dims
         self.norm_num_groups = norm_num_groups
         self.norm_eps = norm_eps
         self.attn_kwargs = attn_kwargs
+        self.norm_type = norm
 
     def res(self, in_channels: int, out_channels: int) -> AEKLResBlock:
-        return AEKLResBlock(self.spatial_dims, in_channels, self.norm_num_groups, self.norm_eps, out_channels)
+        block = AEKLResBlock(self.spatial_dims, in_channels, self.norm_num_groups, self.norm_eps, out_channels)
+        if self.norm_type == "channel":
+            block.norm1 = self.norm(in_channels)
+            block.norm2 = self.norm(out_channels)
+        return block
 
     def attn(self, channels: int) -> SpatialAttentionBlock:
         return SpatialAttentionBlock(
@@ -229,7 +260,9 @@ class _LevelBuilder:
     def nonlocal_attn(self, channels: int) -> list[nn.Module]:
         return [self.res(channels, channels), self.attn(channels), self.res(channels, channels)]
 
-    def norm(self, channels: int) -> nn.GroupNorm:
+    def norm(self, channels: int) -> nn.Module:
+        if self.norm_type == "channel":
+            return ChannelNorm(channels, eps=self.norm_eps)
         return nn.GroupNorm(num_groups=self.norm_num_groups, num_channels=channels, eps=self.norm_eps, affine=True)
 
 
@@ -256,9 +289,11 @@ class FactorEncoder(nn.Module):
         use_flash_attention: bool = False,
         downsample_factors: Sequence[int | Sequence[int]] | None = None,
         layout: str = "strided",
+        norm: str = "group",
     ) -> None:
         super().__init__()
         _check_layout(layout, len(channels))
+        _check_norm(norm)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.channels = channels
@@ -276,6 +311,7 @@ class FactorEncoder(nn.Module):
             norm_num_groups,
             norm_eps,
             dict(include_fc=include_fc, use_combined_linear=use_combined_linear, use_flash_attention=use_flash_attention),
+            norm,
         )
 
         blocks: list[nn.Module] = []
@@ -329,9 +365,11 @@ class FactorDecoder(nn.Module):
         use_flash_attention: bool = False,
         upsample_factors: Sequence[int | Sequence[int]] | None = None,
         layout: str = "strided",
+        norm: str = "group",
     ) -> None:
         super().__init__()
         _check_layout(layout, len(channels))
+        _check_norm(norm)
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.in_channels = in_channels
@@ -349,6 +387,7 @@ class FactorDecoder(nn.Module):
             norm_num_groups,
             norm_eps,
             dict(include_fc=include_fc, use_combined_linear=use_combined_linear, use_flash_attention=use_flash_attention),
+            norm,
         )
 
         rev_channels = list(reversed(channels))
@@ -380,6 +419,11 @@ class FactorDecoder(nn.Module):
         return x
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+
+
 def _check_layout(layout: str, num_levels: int) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
@@ -389,6 +433,7 @@ def _check_layout(layout: str, num_levels: int) -> None:
 
 _FACTORS_KEY = "downsample_factors"
 _LAYOUT_KEY = "layout"
+_NORM_KEY = "norm"
 
 
 class FactorAutoencoderKL(AutoencoderKL):
@@ -400,6 +445,11 @@ class FactorAutoencoderKL(AutoencoderKL):
             for thick-slice MRI. ``None`` means 2 everywhere. A factor of 1 keeps that axis' resolution.
         layout: ``"strided"`` (MONAI's layout, loads MONAI weights) or ``"space_to_depth"`` (the
             memory-efficient layout, see the module docstring).
+        norm: ``"group"`` (MONAI's ``GroupNorm``: statistics over each input, so a volume processed in
+            windows differs from the volume processed whole) or ``"channel"`` (:class:`ChannelNorm`,
+            statistics over the channels of each voxel: the result does not depend on the window).
+            The attention blocks keep ``GroupNorm`` and attend within a window: use ``"channel"``
+            without attention where windowed inference must match whole-volume inference.
 
     The other arguments are MONAI's. ``encode``/``decode``/``sampling``/``reconstruct``/
     ``encode_stage_2_inputs``/``decode_stage_2_outputs`` are MONAI's, so ``LatentDiffusionInferer``
@@ -428,6 +478,7 @@ class FactorAutoencoderKL(AutoencoderKL):
         use_flash_attention: bool = False,
         downsample_factors: Sequence[int | Sequence[int]] | None = None,
         layout: str = "strided",
+        norm: str = "group",
     ) -> None:
         # MONAI's __init__ hard-codes its Encoder/Decoder; we build the same submodules (same names,
         # so state dicts are interchangeable) with the factor-aware ones, validating everything first.
@@ -442,11 +493,13 @@ class FactorAutoencoderKL(AutoencoderKL):
             )
         num_res_blocks = ensure_tuple_rep(num_res_blocks, len(channels))
         _check_layout(layout, len(channels))
+        _check_norm(norm)
         factors = normalize_factors(downsample_factors, len(channels), spatial_dims, "downsample_factors", channels)
 
         self.spatial_dims = spatial_dims
         self.downsample_factors: Factors = factors
         self.layout = layout
+        self.norm = norm
         shared = dict(
             spatial_dims=spatial_dims,
             channels=channels,
@@ -458,6 +511,7 @@ class FactorAutoencoderKL(AutoencoderKL):
             use_combined_linear=use_combined_linear,
             use_flash_attention=use_flash_attention,
             layout=layout,
+            norm=norm,
         )
         self.encoder: nn.Module = FactorEncoder(
             in_channels=in_channels,
@@ -506,7 +560,7 @@ class FactorAutoencoderKL(AutoencoderKL):
     @property
     def is_monai_default(self) -> bool:
         """True when the network is MONAI's AutoencoderKL (strided layout, factor 2 everywhere)."""
-        return self.layout == "strided" and all(set(f) == {2} for f in self.downsample_factors)
+        return self.layout == "strided" and self.norm == "group" and all(set(f) == {2} for f in self.downsample_factors)
 
     def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Latent spatial shape for an input of ``spatial_shape``; raises if it is not divisible."""
@@ -542,6 +596,7 @@ def _record_factors(module: FactorAutoencoderKL, state_dict: dict, prefix: str, 
     if not module.is_monai_default:
         state_dict[prefix + _FACTORS_KEY] = torch.tensor(module.downsample_factors, dtype=torch.int64)
         state_dict[prefix + _LAYOUT_KEY] = torch.tensor(list(module.layout.encode()), dtype=torch.uint8)
+        state_dict[prefix + _NORM_KEY] = torch.tensor(list(module.norm.encode()), dtype=torch.uint8)
 
 
 def _check_factors(
@@ -558,20 +613,22 @@ def _check_factors(
     load pre-hooks ``strict=True`` whatever the caller asked, so this refuses in both modes.)"""
     factors_t = state_dict.pop(prefix + _FACTORS_KEY, None)
     layout_t = state_dict.pop(prefix + _LAYOUT_KEY, None)
+    norm_t = state_dict.pop(prefix + _NORM_KEY, None)
     if factors_t is None:
-        theirs = (tuple((2,) * module.spatial_dims for _ in module.downsample_factors), "strided")
+        theirs = (tuple((2,) * module.spatial_dims for _ in module.downsample_factors), "strided", "group")
         origin = " (no factors recorded: MONAI's default)"
     else:
         theirs = (
             tuple(tuple(int(v) for v in row) for row in factors_t.tolist()),
             bytes(layout_t.tolist()).decode() if layout_t is not None else "strided",
+            bytes(norm_t.tolist()).decode() if norm_t is not None else "group",  # saved before norm was recorded
         )
         origin = ""
-    ours = (module.downsample_factors, module.layout)
+    ours = (module.downsample_factors, module.layout, module.norm)
     if theirs != ours:  # also with strict=False: weights of other factors are never what was meant
         raise ValueError(
-            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}{origin}, but this "
-            f"network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}."
+            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}, norm {theirs[2]!r}"
+            f"{origin}, but this network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}, norm {ours[2]!r}."
         )
 
 

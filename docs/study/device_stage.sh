@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One study stage on the GPU machine: install the wheels, unpack the volumes, run the spec, and leave
+# in $OUT the curves, the trimmed logs and the best runs' weights in half precision.
+#   bash docs/study/device_stage.sh SPEC_FILE [KEEP_RUN ...]
+set -uo pipefail
+spec=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p /tmp/data && tar xJf .data/data.tar.xz -C /tmp/data || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+bash docs/study/run.sh "$spec" /tmp/data /tmp/runs | tee "$OUT/summary.txt"
+cp /tmp/runs/curves.csv "$OUT/"
+for d in /tmp/runs/*/; do grep -v -i "warn" "$d/log.txt" | grep -v "^ *warnings\.\|^$" > "/tmp/runs/$(basename "$d").log"; done
+tar czf "$OUT/logs.tar.gz" -C /tmp/runs $(cd /tmp/runs && ls *.log)
+# the best run by validation PSNR, and any named ones, in half precision
+best=$(sed -n 1p "$OUT/summary.txt" | awk '{print $1}')
+python3 - "$OUT" "$best" "$@" <<'PY'
+import sys, torch
+out, names = sys.argv[1], dict.fromkeys(sys.argv[2:])
+for name in names:
+    ckpt = torch.load(f"/tmp/runs/{name}/model_autoencoder.pt", map_location="cpu", weights_only=True)
+    ckpt["autoencoder"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["autoencoder"].items()}
+    torch.save(ckpt, f"{out}/{name}.pt")
+    print("kept", name)
+PY
+# the bundle's evaluation of each kept model on the validation volumes, in their own grids
+for name in $(printf '%s\n' "$best" "$@" | sort -u); do
+  python3 -m scripts.evaluate --dataset_dir /tmp/data/val --checkpoint "/tmp/runs/$name/model_autoencoder.pt" \
+    --output_dir "/tmp/eval/$name" >"/tmp/eval_$name.log" 2>&1
+  { echo "## $name"; cat "/tmp/eval/$name/evaluation.md" || tail -n 5 "/tmp/eval_$name.log"; echo; } >>"$OUT/eval.md"
+done
+[[ "${TILING:-0}" == 1 ]] && python3 docs/study/tiling_check.py "/tmp/runs/$best/model_autoencoder.pt" /tmp/data/val | tee "$OUT/tiling.txt"
+grep -A 0 "^## \|mean of" "$OUT/eval.md"

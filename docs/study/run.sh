@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the autoencoder trainings of one study stage side by side, one or more per GPU, each with the
+# common settings below plus its own overrides, then collect the validation curves.
+#   bash docs/study/run.sh SPEC_FILE DATA_DIR RUNS_DIR
+# SPEC_FILE: one run per line, "NAME GPU --key value ...". DATA_DIR holds train/ and val/.
+# Writes RUNS_DIR/NAME/{log.txt,model_autoencoder.pt,...} and RUNS_DIR/curves.csv.
+set -uo pipefail
+spec=$1; data=$2; runs=$3
+mkdir -p "$runs"
+common=(--dataset_dir "$data/train" --val_dataset_dir "$data/val" --use_mlflow False --deterministic False
+        --patch_size "[128, 128, 64]" --batch_size 2 --learning_rate 2e-4 --epoch_length 500 --val_interval 1
+        --num_workers 2 --adv_weight 0)
+while read -r name gpu overrides; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  mkdir -p "$runs/$name"
+  eval "extra=($overrides)"
+  CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 \
+    python -m monai.bundle run training --config_file configs/train_autoencoder.yaml \
+    "${common[@]}" --output_dir "$runs/$name" "${extra[@]}" >"$runs/$name/log.txt" 2>&1 &
+done <"$spec"
+wait
+python docs/study/curves.py "$runs" --csv "$runs/curves.csv"
