@@ -32,7 +32,7 @@ from scripts.engines import AutoencoderKLTrainer, autocast
 from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-# the seed's network: channels (32, 64, 64), latent 3, one residual block per level, no attention
+# the reference network: channels (32, 64, 64), latent 3, one residual block per level, no attention
 SEED_NETWORK = dict(
     spatial_dims=3,
     in_channels=1,

@@ -69,9 +69,10 @@ class Evaluation:
         self.autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
         self.autoencoder.load_state_dict(ckpt["autoencoder"])
         self.network = Reconstructor(self.autoencoder).to(self.device).eval()
-        settings = dict(ckpt.get("preprocessing") or {})
-        settings.update(preprocessing or {})
-        missing = {"spacing", "modality", "intensity_percentiles", "ct_window"} - set(settings)
+        recorded = ckpt.get("preprocessing") or {}
+        # the intensity mapping's parameters default to the bundle's (what older checkpoints were trained with)
+        settings = {"intensity_percentiles": [0.5, 99.5], "ct_window": [-1000.0, 1000.0], **recorded, **(preprocessing or {})}
+        missing = {"spacing", "modality"} - set(settings)
         if missing:
             raise ValueError(
                 f"checkpoint '{checkpoint}' does not record its preprocessing ({sorted(missing)} missing); "

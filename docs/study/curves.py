@@ -51,10 +51,13 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80, sharey=True)
-    for run in dict.fromkeys(r["run"] for r in rows):
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    colours = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
+    for i, run in enumerate(runs):
         mine = [r for r in rows if r["run"] == run]
-        axes[0].plot([r["iteration"] for r in mine], [r["val_psnr"] for r in mine], marker=".", label=run)
-        axes[1].plot([r["seconds"] / 60 for r in mine], [r["val_psnr"] for r in mine], marker=".")
+        style = dict(marker=".", color=colours(i), linestyle="-" if i % 2 == 0 else "--")
+        axes[0].plot([r["iteration"] for r in mine], [r["val_psnr"] for r in mine], label=run, **style)
+        axes[1].plot([r["seconds"] / 60 for r in mine], [r["val_psnr"] for r in mine], **style)
     axes[0].set_xlabel("iterations")
     axes[1].set_xlabel("minutes of training")
     axes[0].set_ylabel("validation PSNR over the body (dB)")

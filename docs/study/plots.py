@@ -1,0 +1,38 @@
+"""Redraw the two figures of docs/quality.md from the stage curves in this folder.
+
+    python docs/study/plots.py
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from curves import plot
+
+HERE = Path(__file__).parent
+DOCS = HERE.parent
+
+
+def load(stage: int, run: str, label: str | None = None, after: list[dict] | None = None) -> list[dict]:
+    """One run's curve; ``after``: the curve it continues, whose last iteration and time it adds."""
+    it0, s0 = (after[-1]["iteration"], after[-1]["seconds"]) if after else (0, 0.0)
+    return [
+        {"run": label or run, "iteration": int(r["iteration"]) + it0, "seconds": float(r["seconds"]) + s0, "val_psnr": float(r["val_psnr"])}
+        for r in csv.DictReader(open(HERE / f"stage{stage}_curves.csv"))
+        if r["run"] == run
+    ]
+
+
+def main() -> None:
+    stage1 = [r for run in dict.fromkeys(r["run"] for r in csv.DictReader(open(HERE / "stage1_curves.csv"))) for r in load(1, run)]
+    plot(stage1, DOCS / "quality_study.png", "Recipe at equal budget: 4x, 2 x 128x128x64 patches, lr 2e-4, bf16, three runs per H100 (2026-11-27)")
+    four = load(1, "latent16", "4x, 16 latent channels")
+    four += load(2, "s2_4x_l16", "4x, 16 latent channels", four)
+    four += load(4, "s4_4x_l16", "4x, 16 latent channels", four)
+    shipped = four + load(2, "s2_8x_l32", "8x, 32 latent channels") + load(2, "s2_16x_l64", "16x, 64 latent channels")
+    plot(shipped, DOCS / "quality_training.png", "Shipped weights: validation PSNR through the training stages (H100, 2026-11-27)")
+
+
+if __name__ == "__main__":
+    main()
