@@ -69,9 +69,11 @@ class Evaluation:
         self.autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
         self.autoencoder.load_state_dict(ckpt["autoencoder"])
         self.network = Reconstructor(self.autoencoder).to(self.device).eval()
-        settings = dict(ckpt.get("preprocessing") or {})
+        # the intensity ranges have been the bundle's defaults from the start; spacing and modality must be known
+        settings = {"intensity_percentiles": [0.5, 99.5], "ct_window": [-1000.0, 1000.0]}
+        settings.update(ckpt.get("preprocessing") or {})
         settings.update(preprocessing or {})
-        missing = {"spacing", "modality", "intensity_percentiles", "ct_window"} - set(settings)
+        missing = {"spacing", "modality"} - set(settings)
         if missing:
             raise ValueError(
                 f"checkpoint '{checkpoint}' does not record its preprocessing ({sorted(missing)} missing); "

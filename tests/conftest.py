@@ -190,7 +190,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_autoencoder(tmp_path_factory, tiny_dataset) -> dict:
     """A tiny autoencoder trained for two epochs of 30 iterations with factors [2, 2] (enough for
-    reconstructions with structure: ~16 dB PSNR), the adversarial loss on from epoch 2: its output
+    reconstructions with structure: ~15 dB validation PSNR over the body), the adversarial loss on from epoch 2: its output
     folder, the overrides it was trained with and the trainer's epoch-2 metrics (the uninterrupted
     reference of the resume test)."""
     tmp = tmp_path_factory.mktemp("trained_autoencoder")

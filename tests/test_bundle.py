@@ -556,7 +556,7 @@ def test_download_round_trip(served, bundle, tmp_path):
         run_cli(
             ["-m", "monai.bundle", "run", "--config_file", "configs/inference_autoencoder.yaml",
              "--dataset_dir", str(volume.parent), "--output_dir", str(output), "--roi_size", "[32, 32, 32]",
-             *overrides_cli(TINY_AE)],
+             "--sw_margin", "8", *overrides_cli(TINY_AE)],
             cwd=root,
             pythonpath=root,
         )
