@@ -7,7 +7,7 @@ It measures, in one process: one full autoencoder training step as ``Autoencoder
 (generator forward, L1 + KL + adversarial, backward, optimizer step, discriminator step) for MONAI's
 stock ``AutoencoderKL`` (eager and ``torch.compile``) and the bundle's network for each factor set and
 layout; the diffusion UNet's training step on the latents of each total factor; and reconstruction of
-one large volume through the inference config's sliding-window path. Peak memory is
+one large volume through the inference config's tiled path (TiledInferer). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
 after warm-up. It prints a table and writes JSON.
 """
@@ -229,8 +229,8 @@ def run(args: argparse.Namespace) -> dict:
         row["memory_vs_4x"], row["time_vs_4x"] = _ratio(row["peak_bytes"], base["peak_bytes"]), _ratio(row["seconds"], base["seconds"])
 
     for layout, factors in args.reconstruction:
-        overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size)}
-        record(results["reconstruction"], f"{layout} {factors} {'x'.join(map(str, args.recon_size))}", lambda: reconstruction(args.recon_size, overrides, device), roi_size=list(args.roi_size), sw_overlap=0.25)
+        overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin}
+        record(results["reconstruction"], f"{layout} {factors} {'x'.join(map(str, args.recon_size))}", lambda: reconstruction(args.recon_size, overrides, device), roi_size=list(args.roi_size), sw_margin=args.sw_margin)
     return results
 
 
@@ -271,13 +271,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="JSON list of [layout, factors] to reconstruct a volume with")
     p.add_argument("--recon_size", type=int, nargs=3, default=[512, 512, 512])
     p.add_argument("--roi_size", type=int, nargs=3, default=[256, 256, 128])
+    p.add_argument("--sw_margin", type=int, default=32, help="voxels of context around each window's kept centre")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, two steps: checks that it runs (CPU)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.size, args.recon_size, args.roi_size = [64, 64, 32], [48, 48, 48], [32, 32, 32]
+        args.size, args.recon_size, args.roi_size, args.sw_margin = [64, 64, 32], [48, 48, 48], [32, 32, 32], 8
         args.warmup, args.steps, args.no_compile = 1, 2, True
         args.factors, args.diffusion_factors, args.diffusion_channels = [[2, 2], [4, 2]], [4, 8], [32, 32]
         args.reconstruction = [["space_to_depth", [2, 2]]]

@@ -96,6 +96,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
 
 # constructor arguments that change how a network runs, not its weights: never a mismatch
 RUNTIME_ONLY_ARGS = frozenset({"use_checkpoint", "use_flash_attention"})
+# arguments added after checkpoints were shipped: absent on one side means the network's default
+# (a checkpoint saved before ``norm`` was recorded holds GroupNorm weights)
+LATER_ARG_DEFAULTS = {"norm": "group"}
 
 
 def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, what: str) -> None:
@@ -103,6 +106,10 @@ def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, wha
     if saved is None:
         return
     saved, configured = _plain(dict(saved)), _plain(dict(configured))
+    for key, default in LATER_ARG_DEFAULTS.items():
+        if key in saved or key in configured:
+            saved.setdefault(key, default)
+            configured.setdefault(key, default)
     keys = (set(saved) | set(configured)) - RUNTIME_ONLY_ARGS
     diff = sorted(k for k in keys if saved.get(k) != configured.get(k))
     if diff:

@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import torch
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -41,8 +43,14 @@ from scripts.checkpoints import load_network  # noqa: E402
 NAME = pack.BUNDLE_NAME
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 META = REPO / "configs" / "metadata.json"
-WEIGHTS = ("models/model_autoencoder.pt", "models/model.pt", "models/model_autoencoder_8x.pt")
-TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8}
+WEIGHTS = (
+    "models/model_autoencoder.pt",
+    "models/model.pt",
+    "models/model_autoencoder_8x.pt",
+    "models/model_autoencoder_16x.pt",
+    "models/diffusion_autoencoder.pt",
+)
+TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 3}
 TINY_DIFFUSION = {"diffusion_channels": [32, 32], "diffusion_attention_levels": [False, False]}
 TINY_LATENT = [4, 4, 4]  # the latent of a 16^3 patch at the default total factor 4
 
@@ -91,14 +99,15 @@ def parser_for(config: Path, **overrides) -> ConfigParser:
 
 
 def make_checkpoints(bundle: Path) -> None:
-    """Tiny weights at the three paths of large_files.yml, in the format the configs load."""
+    """Tiny weights at the paths of large_files.yml, in the format the configs load: the
+    autoencoders as inference_autoencoder.yaml builds them, the diffusion pair as inference.yaml does."""
     torch.manual_seed(0)
-    parser = parser_for(bundle / "configs" / "inference.yaml", **TINY_AE, **TINY_DIFFUSION)
-    ae_args = parser.get_parsed_content("autoencoder_args")
     models = bundle / "models"
     models.mkdir(exist_ok=True)
+    parser = parser_for(bundle / "configs" / "inference.yaml", **TINY_AE, **TINY_DIFFUSION)
+    ae_args = parser.get_parsed_content("autoencoder_args")
     ae = parser.get_parsed_content("autoencoder_def")
-    torch.save({"autoencoder": ae.state_dict(), "autoencoder_args": ae_args}, models / "model_autoencoder.pt")
+    torch.save({"autoencoder": ae.state_dict(), "autoencoder_args": ae_args}, models / "diffusion_autoencoder.pt")
     unet = parser.get_parsed_content("network_def")
     torch.save(
         {
@@ -111,13 +120,10 @@ def make_checkpoints(bundle: Path) -> None:
         },
         models / "model.pt",
     )
-    parser_8x = parser_for(bundle / "configs" / "inference.yaml", **TINY_AE, downsample_factors=[4, 2])
-    ae_8x = parser_8x.get_parsed_content("autoencoder_def")
-    assert ae_8x.total_factor == (8, 8, 8)
-    torch.save(
-        {"autoencoder": ae_8x.state_dict(), "autoencoder_args": parser_8x.get_parsed_content("autoencoder_args")},
-        models / "model_autoencoder_8x.pt",
-    )
+    for name, factors in (("model_autoencoder.pt", [2, 2]), ("model_autoencoder_8x.pt", [4, 2]), ("model_autoencoder_16x.pt", [4, 4])):
+        recon = parser_for(bundle / "configs" / "inference_autoencoder.yaml", **TINY_AE, downsample_factors=factors)
+        network = recon.get_parsed_content("autoencoder_def")
+        torch.save({"autoencoder": network.state_dict(), "autoencoder_args": recon.get_parsed_content("autoencoder_args")}, models / name)
 
 
 def copy_bundle(source: Path, target: Path) -> Path:
@@ -239,7 +245,7 @@ def test_verify_metadata_rejects_a_broken_file(tmp_path):
 
 def test_metadata_versions_match_requirements():
     meta = load_meta()
-    assert meta["version"] == "0.1.0" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.2.0" and meta["version"] in meta["changelog"]
     requirements = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -289,11 +295,14 @@ def test_metadata_shapes_match_the_configs():
         assert ae_format["outputs"][key]["spatial_shape"] == latent
         assert ae_format["outputs"][key]["num_channels"] == train["latent_channels"]
 
-    diffusion = parser_for(REPO / "configs" / "inference.yaml").get_parsed_content("diffusion_args")
+    # the diffusion format is the shipped model.pt's: its latents and the sampling config's
+    generate = parser_for(REPO / "configs" / "inference.yaml")
+    diffusion = generate.get_parsed_content("diffusion_args")
+    saved_latent = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=True)["latent_shape"]
     d_format = meta["diffusion_data_format"]
     for spec in (d_format["inputs"]["latent"], d_format["outputs"]["pred"]):
-        assert spec["spatial_shape"] == latent
-        assert spec["num_channels"] == diffusion["in_channels"] == diffusion["out_channels"] == train["latent_channels"]
+        assert spec["spatial_shape"] == list(saved_latent)
+        assert spec["num_channels"] == diffusion["in_channels"] == diffusion["out_channels"] == generate["latent_channels"]
 
 
 def test_large_files_lists_every_weight():
@@ -471,7 +480,7 @@ def test_pack_is_deterministic_and_holds_the_bundle(bundle, tmp_path):
         (other / name).parent.mkdir(parents=True, exist_ok=True)
         (other / name).write_bytes(b"junk")
     second = pack.pack(other, tmp_path / "b")
-    assert first.name == f"{NAME}_v0.1.0.zip"
+    assert first.name == f"{NAME}_v0.2.0.zip"
     assert first.read_bytes() == second.read_bytes()
 
     names = zip_names(first)
@@ -556,7 +565,7 @@ def test_download_round_trip(served, bundle, tmp_path):
         run_cli(
             ["-m", "monai.bundle", "run", "--config_file", "configs/inference_autoencoder.yaml",
              "--dataset_dir", str(volume.parent), "--output_dir", str(output), "--roi_size", "[32, 32, 32]",
-             *overrides_cli(TINY_AE)],
+             "--sw_margin", "8", *overrides_cli(TINY_AE)],
             cwd=root,
             pythonpath=root,
         )

@@ -137,6 +137,37 @@ def test_check_args_ignores_runtime_only_switches():
     check_args(saved, dict(saved, use_checkpoint=False, use_flash_attention=False), "x.pt", "autoencoder_ckpt")
 
 
+def test_check_args_norm_absent_means_group():
+    """Checkpoints saved before ``norm`` existed (the shipped weights) hold GroupNorm networks: their
+    args lack the key, which compares as norm='group', never as a mismatch with None."""
+    old = args_of([2, 2])
+    assert "norm" not in old
+    check_args(old, dict(old, norm="group"), "x.pt", "autoencoder_ckpt")
+    check_args(dict(old, norm="group"), old, "x.pt", "autoencoder_ckpt")
+    with pytest.raises(ValueError, match=r"trained with norm='group'.*config has norm='channel'"):
+        check_args(old, dict(old, norm="channel"), "x.pt", "autoencoder_ckpt")
+    with pytest.raises(ValueError, match=r"trained with norm='channel'.*config has norm='group'"):
+        check_args(dict(old, norm="channel"), old, "x.pt", "autoencoder_ckpt")
+
+
+def test_load_network_old_group_norm_checkpoint(tmp_path):
+    """A checkpoint whose args and state dict do not record norm loads into norm='group' only."""
+    trained = tiny_ae(downsample_factors=[2, 2], layout="space_to_depth", norm="group")
+    state = trained.state_dict()
+    del state["norm"]  # as saved before the norm was recorded
+    path = tmp_path / "model_autoencoder.pt"
+    save_atomic({"autoencoder": state, "autoencoder_args": args_of([2, 2])}, path)
+    same = tiny_ae(seed=1, downsample_factors=[2, 2], layout="space_to_depth", norm="group")
+    load_network(same, path, "autoencoder", dict(args_of([2, 2]), norm="group"), "autoencoder_ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(same.parameters(), trained.parameters()))
+    channel = tiny_ae(seed=1, downsample_factors=[2, 2], layout="space_to_depth", norm="channel")
+    with pytest.raises(ValueError, match=r"norm='group'.*config has norm='channel'"):
+        load_network(channel, path, "autoencoder", dict(args_of([2, 2]), norm="channel"), "autoencoder_ckpt")
+    # without args to compare, the network's own record check refuses it, naming both norms
+    with pytest.raises(ValueError, match=r"norm 'group'.*norm 'channel'"):
+        load_network(channel, path, "autoencoder", None, "autoencoder_ckpt")
+
+
 def test_load_network_refuses_other_factors(tmp_path):
     trained = tiny_ae(downsample_factors=[4, 2], layout="space_to_depth")
     path = tmp_path / "model_autoencoder.pt"
@@ -237,6 +268,28 @@ def test_saver_and_resume_round_trip(tmp_path):
     with pytest.raises(ValueError, match=r"lacks \['d_opt'\]"):
         ResumeFromCheckpoint(tmp_path / "checkpoint_last.pt", {"d_opt": other_opt}).check()
     ResumeFromCheckpoint(None, {"net": other}).check()  # no resume: nothing to check
+
+
+def test_none_entries_are_skipped_on_save_and_on_resume(tmp_path):
+    """Optional objects (the EMA copy when ema_decay is 0) are None: not saved, not required, not loaded."""
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(tmp_path, {"net": net, "ema_autoencoder": None}, "checkpoint_last.pt")
+    engine, data = _engine()
+    saver.attach(engine)
+    engine.run(data, max_epochs=1)
+    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert "ema_autoencoder" not in ckpt and "net" in ckpt
+
+    other = torch.nn.Linear(2, 2)
+    resume = ResumeFromCheckpoint(tmp_path / "checkpoint_last.pt", {"net": other, "ema_autoencoder": None})
+    resume.check()  # the absent entry is not required
+    engine2, _ = _engine()
+    resume.attach(engine2)
+    engine2.run(data, max_epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    # a wanted entry that is missing is still refused
+    with pytest.raises(ValueError, match=r"lacks \['ema_autoencoder'\]"):
+        ResumeFromCheckpoint(tmp_path / "checkpoint_last.pt", {"ema_autoencoder": torch.nn.Linear(2, 2)}).check()
 
 
 def test_best_saver_writes_only_on_improvement(tmp_path):

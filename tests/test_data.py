@@ -20,7 +20,7 @@ from scripts import data
 from scripts.data import (
     DEMO_SHAPES,
     DEMO_SPACINGS,
-    NormalizeIntensityd,
+    UnitIntensityRanged,
     check_patch_size,
     list_volumes,
     load_datalist,
@@ -244,7 +244,7 @@ def _meta_image(array, affine=None):
 
 
 @pytest.mark.parametrize("modality", ["mri", "ct"])
-def test_normalize_intensity_and_its_inverse(modality):
+def test_unit_intensity_range_and_its_inverse(modality):
     rng = np.random.default_rng(0)
     if modality == "mri":
         array = rng.gamma(2.0, 300.0, size=(12, 14, 10)).astype(np.float32)
@@ -252,27 +252,58 @@ def test_normalize_intensity_and_its_inverse(modality):
     else:
         array = rng.uniform(-1500, 2500, size=(12, 14, 10)).astype(np.float32)
         low, high = -1000.0, 1000.0
-    normalize = NormalizeIntensityd("image", modality=modality, percentiles=(0.5, 99.5), ct_window=(-1000, 1000))
-    out = normalize({"image": _meta_image(array)})
+    scale = UnitIntensityRanged("image", modality=modality, percentiles=(0.5, 99.5), ct_window=(-1000, 1000))
+    out = scale({"image": _meta_image(array)})
     image = out["image"]
-    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
-    expected = np.clip((array - low) / (high - low), 0, 1)
+    # [low, high] maps onto [0, 1] linearly and nothing is clipped: values beyond the range lie beyond 0 and 1
+    expected = (array - low) / (high - low)
     np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-5)
+    assert float(image.min()) < 0.0 and float(image.max()) > 1.0
 
     out["pred"] = MetaTensor(image.clone())
-    restored = Invertd(keys="pred", transform=normalize, orig_keys="image")(out)["pred"]
-    # the inverse restores intensities exactly within the clipped range
-    np.testing.assert_allclose(restored[0].numpy(), np.clip(array, low, high), rtol=1e-5, atol=1e-3 * (high - low))
+    restored = Invertd(keys="pred", transform=scale, orig_keys="image")(out)["pred"]
+    # the inverse restores every intensity, in range or not
+    np.testing.assert_allclose(restored[0].numpy(), array, rtol=1e-5, atol=1e-3 * (high - low))
 
 
-def test_normalize_constant_volume_maps_to_zero():
-    out = NormalizeIntensityd("image")({"image": _meta_image(np.full((4, 4, 4), 7.0, np.float32))})
+def test_unit_intensity_range_keeps_mri_values_above_p99_5_exactly():
+    """A bright vessel above p99.5 survives the mapping and its inverse (no clipping)."""
+    array = np.random.default_rng(1).uniform(0, 100, size=(10, 10, 10)).astype(np.float32)
+    array[5, 5, 5] = 5000.0  # far above p99.5
+    scale = UnitIntensityRanged("image", modality="mri")
+    out = scale({"image": _meta_image(array)})
+    low, high = np.percentile(array, [0.5, 99.5])
+    assert float(out["image"][0, 5, 5, 5]) == pytest.approx((5000.0 - low) / (high - low), rel=1e-5)
+    assert float(out["image"][0, 5, 5, 5]) > 40  # far beyond 1
+    out["pred"] = MetaTensor(out["image"].clone())
+    restored = Invertd(keys="pred", transform=scale, orig_keys="image")(out)["pred"][0].numpy()
+    assert abs(float(restored[5, 5, 5]) - 5000.0) < 1e-3
+    np.testing.assert_allclose(restored, array, atol=1e-3)
+
+
+def test_unit_intensity_range_keeps_ct_bone_above_the_window_exactly():
+    """3000 HU (dense bone, metal) with a [-1000, 1000] window maps to 2.0 and comes back as 3000."""
+    array = np.full((6, 6, 6), -1000.0, np.float32)
+    array[2:4, 2:4, 2:4] = 40.0
+    array[3, 3, 3] = 3000.0
+    scale = UnitIntensityRanged("image", modality="ct", ct_window=(-1000, 1000))
+    out = scale({"image": _meta_image(array)})
+    assert float(out["image"][0, 3, 3, 3]) == pytest.approx(2.0, abs=1e-6)
+    assert float(out["image"][0, 0, 0, 0]) == pytest.approx(0.0, abs=1e-6)
+    out["pred"] = MetaTensor(out["image"].clone())
+    restored = Invertd(keys="pred", transform=scale, orig_keys="image")(out)["pred"][0].numpy()
+    assert abs(float(restored[3, 3, 3]) - 3000.0) < 1e-3
+    np.testing.assert_allclose(restored, array, atol=1e-3)
+
+
+def test_unit_intensity_range_constant_volume_maps_to_zero():
+    out = UnitIntensityRanged("image")({"image": _meta_image(np.full((4, 4, 4), 7.0, np.float32))})
     assert torch.isfinite(out["image"]).all() and float(out["image"].abs().max()) == 0.0
 
 
-def test_normalize_refuses_unknown_modality():
+def test_unit_intensity_range_refuses_unknown_modality():
     with pytest.raises(ValueError, match="modality must be 'mri'.*'pet'"):
-        NormalizeIntensityd("image", modality="pet")
+        UnitIntensityRanged("image", modality="pet")
 
 
 @pytest.mark.parametrize("spacing", [None, (4.0, 4.0, 4.0)])
@@ -288,17 +319,22 @@ def test_preprocessing_and_invert_restore_shape_and_affine(tmp_path, spacing):
     item = chain({"image": str(path)})
     image = item["image"]
     assert image.shape[0] == 1 and all(s % m == 0 for s, m in zip(image.shape[1:], multiple))
-    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    # the input's [p0.5, p99.5] maps onto [0, 1], unclipped: the extremes map just beyond it
+    low, high = np.percentile(array, [0.5, 99.5])
+    lo01, hi01 = (array.min() - low) / (high - low), (array.max() - low) / (high - low)
+    assert lo01 - 1e-5 <= float(image.min()) and float(image.max()) <= hi01 + 1e-5
+    assert float(image.max()) > 1.0
     if spacing is not None:
         np.testing.assert_allclose(np.abs(np.diag(image.affine.numpy())[:3]), spacing, rtol=1e-5)
     item["pred"] = MetaTensor(image.as_tensor().clone())
     restored = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(item)["pred"]
     assert tuple(restored.shape) == (1, *shape)
     np.testing.assert_allclose(restored.affine.numpy(), affine, atol=1e-4)
-    # and the content is back in place and in the input's units: a resampled copy of the input
-    low, high = np.percentile(array, [0.5, 99.5])
+    # and the content is back in place and in the input's units (unclipped): a resampled copy of the input
     restored_np = restored[0].numpy()
-    reference = np.clip(array, low, high)
+    reference = array
+    if spacing is None:  # no resampling: the chain and its inverse return the input itself
+        np.testing.assert_allclose(restored_np, array, rtol=0, atol=1e-4 * (high - low))
     corr = np.corrcoef(restored_np.ravel(), reference.ravel())[0, 1]
     assert corr > (0.999 if spacing is None else 0.9)
     assert abs(restored_np.mean() - reference.mean()) < 0.05 * (high - low)

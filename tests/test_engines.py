@@ -321,3 +321,104 @@ def test_epoch_seed_makes_epochs_reproducible():
     resumed = _draws_per_epoch(3, start_epoch=1)
     assert sorted(resumed) == [2, 3] and resumed[2] == first[2] and resumed[3] == first[3]
     assert _draws_per_epoch(2, seed=8)[1] != first[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# auxiliary losses, the learning-rate schedule and the time limit
+
+
+def test_build_auxiliary_losses():
+    from monai.losses import JukeboxLoss, SSIMLoss
+
+    assert engines.build_auxiliary_losses(3, 0.0, 0.0) == {}
+    losses = engines.build_auxiliary_losses(3, ssim_weight=0.2, spectral_weight=0.05)
+    assert sorted(losses) == ["spectral_loss", "ssim_loss"]
+    assert isinstance(losses["ssim_loss"][0], SSIMLoss) and losses["ssim_loss"][1] == 0.2
+    assert isinstance(losses["spectral_loss"][0], JukeboxLoss) and losses["spectral_loss"][1] == 0.05
+    assert list(engines.build_auxiliary_losses(3, spectral_weight=1.0)) == ["spectral_loss"]
+    # each is 0 for a perfect reconstruction and positive for a blurred one
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 16, 16, 16)
+    blurred = torch.nn.functional.avg_pool3d(x, 3, 1, 1)
+    for name, (loss, _) in losses.items():
+        assert loss(x, x).item() == pytest.approx(0.0, abs=1e-4), name
+        assert loss(blurred, x).item() > 1e-3, name
+
+
+def test_auxiliary_losses_are_in_the_trainer_output_and_the_loss():
+    ae, disc = tiny_pair()
+    auxiliary = engines.build_auxiliary_losses(3, ssim_weight=0.5, spectral_weight=0.25)
+    trainer = make_trainer(ae, disc, samples(2), 1, 1, adv_weight=0.0, auxiliary_losses=auxiliary)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    for out in outputs:
+        assert {"recon_loss", "kl_loss", "ssim_loss", "spectral_loss", "loss"} <= set(out)
+        assert out["ssim_loss"] > 0 and out["spectral_loss"] > 0
+        expected = out["recon_loss"] + 1e-3 * out["kl_loss"] + 0.5 * out["ssim_loss"] + 0.25 * out["spectral_loss"]
+        assert out["loss"] == pytest.approx(expected, rel=1e-5)
+    # without them: neither key, and the same trainer otherwise
+    ae, disc = tiny_pair()
+    plain = make_trainer(ae, disc, samples(1), 1, 1, adv_weight=0.0)
+    plain.run()
+    assert "ssim_loss" not in plain.state.output and "spectral_loss" not in plain.state.output
+
+
+def _lrs(schedule, warmup, total, steps, base=0.5):
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=base)
+    scheduler = engines.lr_schedule(optimizer, schedule, warmup, total)
+    lrs = []
+    for _ in range(steps):  # the lr of each iteration, then the per-iteration step (LrScheduleHandler's order)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_lr_schedule_constant_warms_up_linearly():
+    assert _lrs("constant", 4, 100, 6) == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.5])
+    assert _lrs("constant", 0, 100, 3) == pytest.approx([0.5] * 4)  # no warm-up: the full rate from the start
+
+
+def test_lr_schedule_cosine_reaches_zero_at_the_total():
+    total, warmup = 20, 4
+    lrs = _lrs("cosine", warmup, total, total)
+    assert lrs[0] == 0.0 and lrs[1:warmup + 1] == pytest.approx([0.125, 0.25, 0.375, 0.5])  # linear warm-up
+    decay = lrs[warmup:]
+    assert all(a > b for a, b in zip(decay, decay[1:])), "strictly decreasing after the warm-up"
+    assert lrs[warmup + (total - warmup) // 2] == pytest.approx(0.25)  # half way: half the rate
+    assert lrs[total] == pytest.approx(0.0, abs=1e-12)
+    # without warm-up it starts at the full rate
+    assert _lrs("cosine", 0, 10, 10)[0] == 0.5 and _lrs("cosine", 0, 10, 10)[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_schedule_refuses_unknown_name():
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine', got 'linear'"):
+        engines.lr_schedule(optimizer, "linear", 0, 10)
+
+
+def test_time_limit_counts_from_the_engine_start_and_ends_cleanly(tmp_path, monkeypatch):
+    """On a fake clock: time before the engine starts (data caching) does not count; after the limit
+    the engine ends after the current iteration, and the last checkpoint is still written."""
+    import time
+
+    from scripts.checkpoints import AtomicCheckpointSaver
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    limit = engines.TimeLimit(limit_sec=1)
+
+    def iteration(engine, batch):
+        clock[0] += 0.4
+
+    engine = Engine(iteration)
+    limit.attach(engine)
+    saver = AtomicCheckpointSaver(tmp_path, {"args": {"a": 1}}, "checkpoint_last.pt")
+    saver.attach(engine)
+    clock[0] += 100.0  # caching the dataset, before training starts
+    engine.run(range(10), max_epochs=5)
+    assert engine.state.iteration == 3  # 1.2 s > 1 s after the third iteration
+    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 3

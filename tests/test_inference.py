@@ -31,9 +31,11 @@ from conftest import (
 )
 from scripts import data
 from scripts.checkpoints import save_atomic
+from scripts.inference import LatentEncoder, TiledInferer, _tiles
+from scripts.metrics import body_mask, masked_quality
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
-NET = dict(channels=[8, 16, 16], norm_num_groups=8, downsample_factors=[2, 2], mixed_precision=None)
+NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=3, downsample_factors=[2, 2], mixed_precision=None)
 SPACING = [4.0, 4.0, 4.0]
 TOTAL = 4
 
@@ -161,7 +163,8 @@ def test_reconstruction_csv(recon_runs):
         row = by_file[str(path)]
         assert row["status"] == "ok" and row["error"] == ""
         psnr, ssim, seconds = float(row["psnr"]), float(row["ssim"]), float(row["seconds"])
-        assert 10 < psnr < 60, f"{name}: PSNR {psnr} (the tiny autoencoder reaches ~16 dB)"
+        # the bundle's measure, over the body: the tiny autoencoder reaches 11.3 and 13.6 dB here
+        assert 10 < psnr < 60, f"{name}: PSNR {psnr}"
         assert 0 < ssim <= 1 and 0 < seconds < 60
         assert row["output"].endswith(f"{name}_recon.nii.gz") and row["latent"].endswith(f"{name}_latent.nii.gz")
     expected_errors = {
@@ -183,6 +186,7 @@ def test_reconstruction_keeps_the_input_geometry_and_units(recon_runs, trained_a
     autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
     autoencoder.load_state_dict(ckpt["autoencoder"])
     autoencoder.eval()
+    rows = {row["file"]: row for row in read_csv(recon_runs["out"] / "reconstruction_metrics.csv")}
     for name, path in recon_runs["good"].items():
         original = nib.load(path)
         recon = nib.load(recon_runs["out"] / f"{name}_recon.nii.gz")
@@ -190,23 +194,32 @@ def test_reconstruction_keeps_the_input_geometry_and_units(recon_runs, trained_a
         np.testing.assert_allclose(recon.affine, original.affine, atol=1e-4)
         x, y = np.asarray(original.dataobj, dtype=np.float64), recon.get_fdata()
         assert np.isfinite(y).all()
-        # back in the input's intensity units (not [0, 1]), within its range, and a reconstruction of it
-        assert x.min() - 1e-3 <= y.min() and y.max() <= x.max() + 1e-3
+        # back in the input's intensity units (not [0, 1]) and a reconstruction of it. Nothing is
+        # clamped any more: the network's output beyond [0, 1] maps beyond the input's [p0.5, p99.5]
+        # (for this undertrained network, about -140 to 1060 for an input of 0 to 880)
         assert y.max() > 0.5 * np.percentile(x, 99.5)
         corr = np.corrcoef(x.ravel(), y.ravel())[0, 1]
         assert corr > 0.8, f"{name}: correlation with the input {corr:.3f}"
-        # exactly the network's reconstruction, mapped back through the inverse of the
+        # exactly the network's (unclamped) reconstruction, mapped back through the inverse of the
         # preprocessing (RAS, resampling, intensity, crop, pad), computed here independently
-        np.testing.assert_allclose(y, expected_reconstruction(path, autoencoder), rtol=0, atol=1e-3 * x.max())
+        expected, quality = expected_reconstruction(path, autoencoder)
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-3 * x.max())
+        # the CSV's PSNR/SSIM are the bundle's measure on the preprocessed volume
+        row = rows[str(path)]
+        assert float(row["psnr"]) == pytest.approx(quality["psnr"], abs=1e-3)
+        assert float(row["ssim"]) == pytest.approx(quality["ssim"], abs=1e-3)
 
 
 def expected_reconstruction(path, autoencoder):
+    """The reconstruction in the input's grid and units, and masked_quality on the network's grid."""
     chain = Compose(data.preprocessing(1, SPACING, "mri", (0.5, 99.5), (-1000, 1000), (TOTAL,) * 3))
     item = chain({"image": str(path)})
+    x = item["image"].as_tensor()[None]
     with torch.no_grad():
-        recon = Reconstructor(autoencoder)(item["image"].as_tensor()[None]).clamp(0, 1)
+        recon = Reconstructor(autoencoder)(x)
+    quality = masked_quality(x, recon, body_mask(x))
     item["pred"] = MetaTensor(recon[0])
-    return Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(item)["pred"][0].numpy()
+    return Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(item)["pred"][0].numpy(), quality
 
 
 def test_latents_nifti_and_pt(recon_runs):
@@ -263,49 +276,235 @@ def test_checkpoint_of_other_factors(tmp_path, tiny_dataset):
 # tiled vs whole
 
 
+# a channel-norm network whose receptive field (9 input voxels each way, measured by the gradient of
+# one output voxel) fits a margin of 10: windowed inference must then equal whole-volume inference
+SMALL_RF_NET = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    channels=(8, 8),
+    latent_channels=2,
+    num_res_blocks=0,
+    attention_levels=(False, False),
+    norm_num_groups=8,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+    downsample_factors=[2],
+    layout="space_to_depth",
+)
+
+
+def small_rf_net(norm="channel", seed=0):
+    torch.manual_seed(seed)
+    return FactorAutoencoderKL(**SMALL_RF_NET, norm=norm).eval()
+
+
+class Recording(torch.nn.Module):
+    """A network wrapper that records the spatial shape of every input it is given."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.shapes = network, []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[2:]))
+        return self.network(x)
+
+
+def test_small_rf_net_receptive_field_fits_the_margin():
+    """The premise of the exactness tests below: an output voxel reads at most 9 input voxels away."""
+    x = torch.rand(1, 1, 48, 8, 8, requires_grad=True)
+    Reconstructor(small_rf_net())(x)[0, 0, 24].sum().backward()
+    reach = (x.grad[0, 0].abs().sum((1, 2)) > 0).nonzero().flatten() - 24
+    assert -10 < reach.min().item() and reach.max().item() < 10
+
+
+def test_tiled_inferer_equals_whole_volume_inference():
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 40, 36, 30)
+    network = Recording(Reconstructor(small_rf_net()))
+    inferer = TiledInferer((24, 24, 24), margin=10, multiple=2)
+    with torch.no_grad():
+        whole = network(x)
+        network.shapes.clear()
+        tiled = inferer(x, network)
+    assert tiled.shape == whole.shape == x.shape
+    assert (tiled - whole).abs().max().item() < 1e-5
+    # it really went in windows (5 x 4 x 3 of them: a margin of 10 keeps a 4-voxel centre of each),
+    # all of roi_size, none padded
+    assert len(network.shapes) == 60 and all(shape == (24, 24, 24) for shape in network.shapes)
+
+
+@pytest.mark.parametrize("size, roi, margin", [(40, 24, 10), (36, 24, 10), (30, 24, 10), (64, 32, 8), (33, 16, 4), (24, 24, 10)])
+def test_tiles_partition_the_axis(size, roi, margin):
+    """Along one axis: windows of roi voxels inside the volume whose kept cores partition it, each
+    core at least margin voxels from its window's edges except at the volume's own borders."""
+    tiles = _tiles(size, roi, margin)
+    assert tiles[0][1] == 0 and tiles[-1][2] == size
+    for (start, c0, c1), following in zip(tiles, tiles[1:] + [None]):
+        assert 0 <= start and start + min(roi, size) <= size and c0 < c1
+        assert c0 - start >= margin or start == 0
+        assert start + roi - c1 >= margin or c1 == size
+        if following is not None:
+            assert following[1] == c1  # no gap, no overlap
+
+
+def test_tiled_inferer_equals_whole_volume_encoding():
+    """The latent path (LatentEncoder: z_mu, half the size here) tiles the same way."""
+    torch.manual_seed(2)
+    x = torch.rand(1, 1, 40, 36, 30)
+    encoder = LatentEncoder(small_rf_net())
+    with torch.no_grad():
+        whole = encoder(x)
+        tiled = TiledInferer((24, 24, 24), margin=10, multiple=2)(x, encoder)
+    assert tiled.shape == whole.shape == (1, 2, 20, 18, 15)
+    assert (tiled - whole).abs().max().item() < 1e-5
+
+
+def test_tiled_inferer_needs_channel_norm():
+    """The same network with GroupNorm normalises each window by its own statistics: not equal."""
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 40, 36, 30)
+    network = Reconstructor(small_rf_net(norm="group"))
+    with torch.no_grad():
+        difference = (TiledInferer((24, 24, 24), 10, 2)(x, network) - network(x)).abs().max().item()
+    assert difference > 1e-3
+
+
+def test_tiled_inferer_with_a_margin_smaller_than_the_receptive_field_differs():
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 40, 36, 30)
+    network = Reconstructor(small_rf_net())
+    with torch.no_grad():
+        difference = (TiledInferer((24, 24, 24), 2, 2)(x, network) - network(x)).abs().max().item()
+    assert difference > 1e-4
+
+
+def test_tiled_inferer_small_volume_goes_whole():
+    x = torch.rand(1, 1, 20, 16, 22)
+    network = Recording(Reconstructor(small_rf_net()))
+    with torch.no_grad():
+        out = TiledInferer((24, 24, 24), 10, 2)(x, network)
+    assert network.shapes == [(20, 16, 22)] and out.shape == x.shape
+    # larger than roi along one axis only: windows along that axis alone, still exact
+    x = torch.rand(1, 1, 20, 40, 22)
+    network.shapes.clear()
+    with torch.no_grad():
+        out = TiledInferer((24, 24, 24), 10, 2)(x, network)
+        assert (out - network.network(x)).abs().max().item() < 1e-5
+    assert len(network.shapes) > 1 and all(shape == (20, 24, 22) for shape in network.shapes)
+
+
+def test_tiled_inferer_margin_rounds_up_to_the_factor():
+    assert TiledInferer((32, 32, 24), margin=5, multiple=4).margins == (8, 8, 8)
+    assert TiledInferer((32, 32, 16), margin=5, multiple=[4, 4, 2]).margins == (8, 8, 6)
+    assert TiledInferer((24, 24, 24), margin=10, multiple=2).margins == (10, 10, 10)
+
+
+def test_tiled_inferer_refuses_bad_sizes():
+    with pytest.raises(ValueError, match=r"roi_size \[25, 24, 24\] must be a multiple of the total factor \[2, 2, 2\]"):
+        TiledInferer((25, 24, 24), margin=4, multiple=2)
+    with pytest.raises(ValueError, match=r"roi_size \[24, 24, 24\] must exceed twice the margin \[12, 12, 12\]"):
+        TiledInferer((24, 24, 24), margin=12, multiple=1)
+    # the margin is rounded up first: 11 becomes 12 with a factor of 4, and 24 no longer exceeds 24
+    TiledInferer((24, 24, 24), margin=11, multiple=1)
+    with pytest.raises(ValueError, match=r"sw_margin"):
+        TiledInferer((24, 24, 24), margin=11, multiple=4)
+
+
+def test_config_tiled_reconstruction_equals_whole_volume_reconstruction(tmp_path):
+    """The reconstruction config end to end (preprocessing at the volume's own voxels, TiledInferer,
+    the inverse back to the input's grid, latents) with a network whose receptive field fits the
+    margin: windows of 32^3 give the whole-volume result."""
+    inputs = tmp_path / "in"
+    path = write_volume(inputs / "head.nii.gz", marked_phantom((44, 40, 36), (2.0, 2.0, 2.0), seed=22))
+    ckpt = tmp_path / "small_rf.pt"
+    torch.manual_seed(0)
+    net = FactorAutoencoderKL(**SMALL_RF_NET, norm="channel")
+    args = dict(SMALL_RF_NET, channels=list(SMALL_RF_NET["channels"]), attention_levels=[False, False], use_checkpoint=False, norm="channel")
+    save_atomic({"autoencoder": net.state_dict(), "autoencoder_args": args}, ckpt)
+    network_keys = dict(
+        channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2], spacing=None
+    )
+    recon, latents = {}, {}
+    for name, roi in (("whole", [64, 64, 64]), ("tiled", [32, 32, 32])):
+        out = tmp_path / name
+        workflow = run_workflow(
+            RECON_CONFIG,
+            **recon_overrides(inputs, out, ckpt, **network_keys, roi_size=roi, sw_margin=10, save_latent="pt"),
+        )
+        assert workflow.parser.get_parsed_content("inferer").margins == (10, 10, 10)
+        recon[name] = nib.load(out / "head_recon.nii.gz").get_fdata()
+        latents[name] = torch.load(out / "head_latent.pt", weights_only=True)["z_mu"]
+        (row,) = read_csv(out / "reconstruction_metrics.csv")
+        assert row["status"] == "ok", row
+    assert max(preprocessed_shape(path, spacing=None)) > 32  # the tiled run did tile
+    assert recon["tiled"].shape == (44, 40, 36)
+    original = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+    np.testing.assert_allclose(recon["tiled"], recon["whole"], rtol=0, atol=1e-5 * original.max())
+    torch.testing.assert_close(latents["tiled"], latents["whole"], rtol=0, atol=1e-5)
+    assert recon["whole"].std() > 0  # a real output, not a constant
+
+
 def test_tiled_matches_whole_volume_reconstruction(tmp_path, trained_autoencoder):
+    """The reconstruction config's TiledInferer (windows of roi_size, sw_margin voxels of real context
+    around each kept centre, no padding, no blending) against the whole-volume reconstruction, with
+    the session's trained channel-norm autoencoder, whose receptive field exceeds the margins."""
     inputs = tmp_path / "in"
     path = write_volume(inputs / "head.nii.gz", phantom((44, 40, 36), (2.0, 2.0, 2.0), seed=21))
     whole_roi = list(preprocessed_shape(path))
     assert whole_roi == [24, 20, 20] and all(s > 16 for s in whole_roi)  # fits one window, and needs 8 of 16^3
     results = {}
-    for name, roi in (("whole", whole_roi), ("default", None), ("tiled", [16, 16, 16])):
-        overrides = {} if roi is None else {"roi_size": roi}
+    for name, overrides in (
+        ("whole", {"roi_size": whole_roi, "sw_margin": 8}),
+        ("default", {}),  # roi_size 256x256x128, sw_margin 32: the volume goes whole
+        ("margin4", {"roi_size": [16, 16, 16], "sw_margin": 4}),  # 8 windows
+        ("margin8", {"roi_size": [20, 20, 20], "sw_margin": 8}),  # 2 windows, along x
+        ("margin4_again", {"roi_size": [16, 16, 16], "sw_margin": 4}),
+    ):
         out = tmp_path / name
-        run_workflow(RECON_CONFIG, **recon_overrides(inputs, out, trained_autoencoder["ckpt"], **overrides))
+        workflow = run_workflow(RECON_CONFIG, **recon_overrides(inputs, out, trained_autoencoder["ckpt"], **overrides))
         (row,) = read_csv(out / "reconstruction_metrics.csv")
         results[name] = (nib.load(out / "head_recon.nii.gz").get_fdata(), float(row["psnr"]))
+        if name == "margin4":
+            inferer = workflow.parser.get_parsed_content("inferer")
+            assert isinstance(inferer, TiledInferer)
+            assert inferer.roi_size == (16, 16, 16) and inferer.margins == (4, 4, 4)
 
     original = np.asarray(nib.load(path).dataobj, dtype=np.float64)
     low, high = np.percentile(original, [0.5, 99.5])
-    whole, tiled = results["whole"][0], results["tiled"][0]
+    whole = results["whole"][0]
 
-    # the default roi_size (128^3) is larger than the volume: the window shrinks to the volume
-    # instead of zero-padding it, so the result is the whole-volume reconstruction exactly
+    # a volume smaller than roi_size goes whole: the default result is the whole-volume one exactly
     np.testing.assert_allclose(results["default"][0], whole, rtol=0, atol=1e-4 * (high - low))
+    # tiling is deterministic (no blending weights, no random order)
+    np.testing.assert_array_equal(results["margin4_again"][0], results["margin4"][0])
 
     def psnr(a, b):
         return 10 * math.log10((high - low) ** 2 / np.mean((a - b) ** 2))
 
-    # Tolerance. Windows of 16^3 with overlap 0.25 and Gaussian blending do NOT reproduce the
-    # whole-volume reconstruction to 35 dB with this network: its receptive field is far larger
-    # than the ~4-voxel margin the blending leaves at each window's edge (zero padding inside a
-    # window vs real neighbours in the whole volume), and every GroupNorm normalises with the
-    # statistics of the window, not of the volume (freezing GroupNorm to the whole volume's
-    # statistics does not close the gap, so the borders dominate). Measured for this 60-iteration
-    # autoencoder: 24.4 dB between tiled and whole (max abs difference ~1/3 of the range), while
-    # both are ~15-16 dB from the input, and moving the whole result by one network voxel (2 input
-    # voxels) gives 19.3-22.1 dB. So the tiled result must agree with the whole one to 20 dB, better
-    # than with a copy displaced by one network voxel on any axis (it is in register), better than
-    # either agrees with the input, and be as good a reconstruction (within 3 dB).
-    agreement = psnr(tiled, whole)
-    assert agreement > 20.0, f"tiled vs whole: {agreement:.1f} dB"
-    assert agreement > max(psnr(whole, np.clip(original, low, high)), psnr(tiled, np.clip(original, low, high)))
-    assert results["tiled"][1] > results["whole"][1] - 3.0
-    for axis in range(3):
-        for shift in (-2, 2):
-            displaced = psnr(tiled, np.roll(whole, shift, axis))
-            assert agreement > displaced, f"tiled result closer to the whole one moved by {shift} on axis {axis}"
+    # Tolerance. With norm="channel" a window's result differs from the whole volume's only where the
+    # receptive field reaches past the window's margin. This network's receptive field is ~46 input
+    # voxels each way (measured: the gradient of one output voxel), far beyond the 4- or 8-voxel
+    # margins that windows smaller than this 24x20x20 volume allow, so the agreement is not exact
+    # here (it is where the margin holds the receptive field:
+    # test_config_tiled_reconstruction_equals_whole_volume_reconstruction). Measured for this
+    # 60-iteration autoencoder: 30.2 dB between the margin-4 result and the whole one, 39.8 dB with
+    # margin 8, 19.5-21.8 dB between either and the whole result moved by one network voxel (2 input
+    # voxels), 11.0 dB between the whole result and the input (GroupNorm with Gaussian-blended 16^3
+    # windows gave 24.4 dB before). So: agreement to 27 and 36 dB, growing with the margin, far
+    # better than a displaced copy or the input, and an equally good reconstruction (within 0.5 dB).
+    agreement = {name: psnr(results[name][0], whole) for name in ("margin4", "margin8")}
+    assert agreement["margin4"] > 27.0 and agreement["margin8"] > 36.0, agreement
+    assert agreement["margin8"] > agreement["margin4"] + 5.0, agreement
+    baseline = psnr(whole, original)
+    for name, value in agreement.items():
+        assert value > baseline + 15.0, (name, value, baseline)
+        assert abs(results[name][1] - results["whole"][1]) < 0.5
+        for axis in range(3):
+            for shift in (-2, 2):
+                displaced = psnr(results[name][0], np.roll(whole, shift, axis))
+                assert value > displaced + 5.0, f"{name} closer to the whole result moved by {shift} on axis {axis}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +565,7 @@ def generate_overrides(output_dir, trained_autoencoder, diffusion_ckpt, seed=0, 
     values = dict(
         NET,
         **TINY_DIFFUSION,
+        norm="channel",  # a pair trained with the defaults (the sampling config describes the shipped, older pair)
         bundle_root=str(REPO),
         output_dir=str(output_dir),
         autoencoder_ckpt=str(trained_autoencoder["ckpt"]),

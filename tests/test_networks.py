@@ -19,6 +19,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from scripts import networks
 from scripts.networks import (
+    ChannelNorm,
     DepthToSpace,
     FactorAutoencoderKL,
     FactorDownsample,
@@ -270,6 +271,105 @@ def test_mismatched_state_dict_is_refused_with_strict_false_too():
         dst.load_state_dict(src.state_dict(), strict=False)
     assert "[[2, 4, 2], [2, 2, 2]]" in str(err.value) and "[[4, 2, 2], [2, 2, 2]]" in str(err.value)
     assert all(torch.equal(p, q) for p, q in zip(before, dst.parameters())), "nothing may be loaded"
+
+
+# --------------------------------------------------------------------------------------------
+# norm: "group" (MONAI's GroupNorm) or "channel" (ChannelNorm), recorded and checked like the factors
+# --------------------------------------------------------------------------------------------
+
+
+def _recorded_norm(state_dict: dict) -> str | None:
+    return bytes(state_dict["norm"].tolist()).decode() if "norm" in state_dict else None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_norm_is_recorded_and_refused_on_mismatch(layout):
+    channel = make_ae(3, [2, 2], layout, norm="channel", seed=0)
+    group = make_ae(3, [2, 2], layout, norm="group", seed=1)
+    channel_sd = channel.state_dict()
+    assert _recorded_norm(channel_sd) == "channel"
+    # ChannelNorm's parameters are named and shaped as GroupNorm's: only the record can object
+    records = ("downsample_factors", "layout", "norm")  # (a strided 2x2 GroupNorm network is MONAI's: none)
+    shapes = {k: v.shape for k, v in channel_sd.items() if k not in records}
+    assert shapes == {k: v.shape for k, v in group.state_dict().items() if k not in records}
+    before = [p.clone() for p in group.parameters()]
+    for strict in (True, False):
+        with pytest.raises(ValueError) as err:
+            group.load_state_dict(channel_sd, strict=strict)
+        msg = str(err.value)
+        assert "norm 'channel'" in msg and "norm 'group'" in msg, msg
+    assert all(torch.equal(p, q) for p, q in zip(before, group.parameters())), "nothing may be loaded"
+    with pytest.raises(ValueError, match=r"saved with .*norm 'group'.*this network has .*norm 'channel'"):
+        make_ae(3, [2, 2], layout, norm="channel").load_state_dict(group.state_dict())
+    # the matching network loads it and reconstructs the same
+    other = make_ae(3, [2, 2], layout, norm="channel", seed=2).eval()
+    other.load_state_dict(channel_sd)
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(other.reconstruct(x), channel.eval().reconstruct(x))
+
+
+def test_state_dict_saved_before_norm_was_recorded_loads_as_group():
+    """The shipped checkpoints record factors and layout but not norm: they hold GroupNorm weights."""
+    old_sd = make_ae(3, [4, 2], "space_to_depth", norm="group").state_dict()
+    assert _recorded_norm(old_sd) == "group" and "downsample_factors" in old_sd
+    del old_sd["norm"]
+    make_ae(3, [4, 2], "space_to_depth", norm="group", seed=1).load_state_dict(old_sd)
+    with pytest.raises(ValueError) as err:
+        make_ae(3, [4, 2], "space_to_depth", norm="channel").load_state_dict(old_sd)
+    assert "norm 'group'" in str(err.value) and "norm 'channel'" in str(err.value)
+
+
+def test_channel_norm_is_not_monai_default():
+    """Strided, factor 2 everywhere but ChannelNorm: not MONAI's network, so its record is kept and
+    MONAI's (GroupNorm) weights are refused."""
+    group = make_ae(3, [2, 2], "strided", norm="group")
+    channel = make_ae(3, [2, 2], "strided", norm="channel")
+    assert group.is_monai_default and "norm" not in group.state_dict()
+    assert not channel.is_monai_default and _recorded_norm(channel.state_dict()) == "channel"
+    with pytest.raises(ValueError, match=r"norm 'group' \(no factors recorded: MONAI's default\).*norm 'channel'"):
+        channel.load_state_dict(AutoencoderKL(**tiny_kwargs(3)).state_dict())
+
+
+def test_channel_norm_network_has_no_group_norm_without_attention():
+    ae = make_ae(3, [2, 2], "space_to_depth", norm="channel")
+    norms = [m for m in ae.modules() if isinstance(m, (ChannelNorm, torch.nn.GroupNorm))]
+    assert norms and all(isinstance(m, ChannelNorm) for m in norms)
+    assert not any(isinstance(m, ChannelNorm) for m in make_ae(3, [2, 2], "space_to_depth", norm="group").modules())
+
+
+def test_channel_norm_is_layer_norm_over_channels():
+    torch.manual_seed(0)
+    norm = ChannelNorm(6, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 6, 5, 4, 3) * 3 + 1
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+    assert [name for name, _ in norm.named_parameters()] == ["weight", "bias"]
+
+
+def test_channel_norm_output_does_not_depend_on_other_voxels():
+    """A voxel's output is a function of that voxel's channels alone (GroupNorm's is not)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 5, 4)
+    changed = torch.randn_like(x) * 10 + 5  # every other voxel replaced, with other statistics
+    voxel = (..., 2, 3, 1)
+    changed[voxel] = x[voxel]
+    channel, group = ChannelNorm(8), torch.nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        assert torch.equal(channel(x)[voxel], channel(changed)[voxel])
+        assert not torch.allclose(group(x)[voxel], group(changed)[voxel], atol=1e-3)
+
+
+def test_unknown_norm(nothing_built):
+    with pytest.raises(ValueError) as err:
+        FactorAutoencoderKL(downsample_factors=[2, 2], norm="batch", **tiny_kwargs(3))
+    msg = str(err.value)
+    assert "norm must be one of" in msg and "'batch'" in msg and "'group'" in msg and "'channel'" in msg
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ def check_training_outputs(out, factors, epochs, epoch_length=EPOCH_LENGTH):
     assert last["optimizer_d"]["param_groups"]
     assert last["autoencoder_args"]["downsample_factors"] == factors
     assert best["autoencoder_args"] == last["autoencoder_args"]
+    assert last["autoencoder_args"]["norm"] == "channel"  # the config's default
+    # what the weights were trained on travels with them (read back by scripts.evaluate)
+    assert best["preprocessing"] == last["preprocessing"]
+    assert last["preprocessing"]["spacing"] == [4.0, 4.0, 4.0] and last["preprocessing"]["modality"] == "mri"
+    assert {"intensity_percentiles", "ct_window", "patch_size"} <= set(last["preprocessing"])
+    assert "lr_scheduler" in last and "ema_autoencoder" not in last  # ema_decay 0: no EMA copy saved
     # the recorded validation PSNR: the best saver's state in the resumable checkpoint
     psnr = last["best"]["best"]
     assert isinstance(psnr, float) and np.isfinite(psnr) and psnr > 0
@@ -96,6 +102,101 @@ def test_training_anisotropic_factors(tmp_path, tiny_dataset, caplog):
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.metrics["val_psnr"] == pytest.approx(last["best"]["best"])
     assert 0 < evaluator.state.metrics["val_ssim"] <= 1
+
+
+def test_training_recipe_options(tmp_path, tiny_dataset):
+    """EMA, a cosine schedule with warm-up, the SSIM and spectral losses and a time limit in one tiny
+    run: the EMA weights are the ones validated and saved as the best model, the schedule ends at 0."""
+    workflow = run_workflow(
+        AE_CONFIG,
+        **train_overrides(
+            tmp_path,
+            tiny_dataset,
+            ema_decay=0.5,
+            lr_schedule="cosine",
+            lr_warmup_steps=1,
+            ssim_weight=0.1,
+            spectral_weight=0.01,
+            time_limit=3600,
+        ),
+    )
+    out = tmp_path / "out"
+    last = check_training_outputs_with_ema(out)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert {"ssim_loss", "spectral_loss"} <= set(trainer.state.output)
+    # cosine to 0 over max_epochs * epoch_length iterations
+    assert last["lr_scheduler"]["last_epoch"] == EPOCH_LENGTH
+    assert workflow.parser.get_parsed_content("optimizer_g").param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert any(type(h).__name__ == "TimeLimit" and h.limit_sec == 3600 for h in workflow.parser.get_parsed_content("train#handlers"))
+
+
+def check_training_outputs_with_ema(out):
+    last = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(out / "model_autoencoder.pt", map_location="cpu", weights_only=True)
+    assert "ema_autoencoder" in last and "lr_scheduler" in last
+    ema, raw = last["ema_autoencoder"], last["autoencoder"]
+    assert list(ema) == list(raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point()), "EMA equals the raw weights"
+    # validated at the end of the only epoch, saved as the best model: the EMA weights
+    assert all(torch.equal(best["autoencoder"][k], ema[k]) for k in ema)
+    return last
+
+
+def test_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted_run(tmp_path, tiny_dataset, monkeypatch):
+    """The EMA copy and the LR scheduler are part of the resume point: a 2-epoch run interrupted after
+    epoch 1 (its epoch-1 checkpoint_last, kept aside) and resumed ends with the uninterrupted run's
+    EMA weights and learning-rate schedule."""
+    import shutil
+
+    from scripts import checkpoints
+
+    original = checkpoints.AtomicCheckpointSaver.save
+
+    def keep_each_epoch(self, trainer=None):
+        original(self, trainer)
+        if trainer is not None:
+            shutil.copy(self.path, self.path.with_name(f"epoch{trainer.state.epoch}_{self.path.name}"))
+
+    monkeypatch.setattr(checkpoints.AtomicCheckpointSaver, "save", keep_each_epoch)
+    overrides = dict(ema_decay=0.5, lr_schedule="cosine", lr_warmup_steps=2, max_epochs=2)
+    run_workflow(AE_CONFIG, **train_overrides(tmp_path / "whole", tiny_dataset, **overrides))
+    whole = tmp_path / "whole" / "out"
+    interrupted = whole / "epoch1_checkpoint_last.pt"
+    resumed = run_workflow(
+        AE_CONFIG, **train_overrides(tmp_path / "resumed", tiny_dataset, **overrides, resume_from=str(interrupted))
+    )
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * EPOCH_LENGTH
+    ref = torch.load(whole / "checkpoint_last.pt", weights_only=True)
+    res = torch.load(tmp_path / "resumed" / "out" / "checkpoint_last.pt", weights_only=True)
+    assert res["lr_scheduler"]["last_epoch"] == ref["lr_scheduler"]["last_epoch"] == 2 * EPOCH_LENGTH
+    assert res["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    for name in ("autoencoder", "ema_autoencoder"):
+        for key, value in ref[name].items():
+            torch.testing.assert_close(res[name][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}.{key}: {m}")
+    first_ema = torch.load(interrupted, weights_only=True)["ema_autoencoder"]
+    assert any(not torch.equal(first_ema[k], v) for k, v in ref["ema_autoencoder"].items()), "the EMA moved in epoch 2"
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path, tiny_dataset, trained_autoencoder):
+    """init_from loads a model_autoencoder.pt into the new run's network before training (a fine-tune);
+    one of other factors is refused with both sides named."""
+    overrides = train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2], init_from=str(trained_autoencoder["ckpt"]))
+    workflow = make_workflow(AE_CONFIG, **overrides)
+    workflow.initialize()
+    saved = torch.load(trained_autoencoder["ckpt"], map_location="cpu", weights_only=True)["autoencoder"]
+    loaded = workflow.parser.get_parsed_content("autoencoder").state_dict()
+    assert all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)
+    workflow = make_workflow(AE_CONFIG, **dict(overrides, downsample_factors=[4, 2]))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    text = "\n".join(str(e) for e in _chain(info.value))
+    assert f"init_from '{trained_autoencoder['ckpt']}' was trained with downsample_factors=[2, 2]" in text
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 # ---------------------------------------------------------------------------------------------
