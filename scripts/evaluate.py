@@ -11,8 +11,6 @@ per volume; a volume that fails is a row with its error, and the exit status is 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +24,7 @@ from monai.transforms import Compose, Invertd
 
 from scripts.checkpoints import atomic_path, load_checkpoint
 from scripts.engines import autocast, autocast_dtype
-from scripts.inference import TiledInferer, _root_cause, unique_path
+from scripts.inference import ResultsCSV, TiledInferer, _root_cause, unique_path
 from scripts.metrics import interpolation_floor, score
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
@@ -94,10 +92,10 @@ class Evaluation:
         self.amp_dtype = autocast_dtype(mixed_precision, self.device)
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = unique_path(self.output_dir / "evaluation.csv")
+        self.results = ResultsCSV(unique_path(self.output_dir / "evaluation.csv"), FIELDS)
+        self.csv_path = self.results.path
         self.md_path = self.csv_path.with_suffix(".md")
         self.checkpoint = str(checkpoint)
-        self.rows: list[dict] = []
 
     def __call__(self, path: str) -> dict:
         start = time.perf_counter()
@@ -128,28 +126,19 @@ class Evaluation:
             logger.error(f"{path}: {_root_cause(e)}")
             row = {"file": Path(path).name, "error": _root_cause(e)}
         row["seconds"] = f"{time.perf_counter() - start:.1f}"
-        self.rows.append({k: row.get(k, "") for k in FIELDS})
-        self._write()
+        self.results.add(**row)
+        with atomic_path(self.md_path) as tmp:
+            Path(tmp).write_text(markdown_table(self.results.rows, self.checkpoint))
         logger.info(
-            f"[{len(self.rows)}] {row['file']}: "
+            f"[{len(self.results.rows)}] {row['file']}: "
             + (f"PSNR {row['psnr']} dB (floor {row['psnr_floor']}), SSIM {row['ssim']}, MAE {row['mae']}" if "psnr" in row else "failed")
             + f", {row['seconds']} s"
         )
         return row
 
-    def _write(self) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        with atomic_path(self.csv_path) as tmp:
-            Path(tmp).write_text(buffer.getvalue())
-        with atomic_path(self.md_path) as tmp:
-            Path(tmp).write_text(markdown_table(self.rows, self.checkpoint))
-
     @property
     def failures(self) -> list[dict]:
-        return [r for r in self.rows if r["error"]]
+        return [r for r in self.results.rows if r["error"]]
 
 
 def markdown_table(rows: Sequence[dict], checkpoint: str = "") -> str:

@@ -143,14 +143,15 @@ def _stem(path: str | Path) -> str:
 class ResultsCSV:
     """The per-file results table, rewritten atomically after each file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, fields: Sequence[str] = CSV_FIELDS) -> None:
         self.path = Path(path)
+        self.fields = tuple(fields)
         self.rows: list[dict] = []
 
     def add(self, **row: Any) -> None:
-        self.rows.append({k: row.get(k, "") for k in CSV_FIELDS})
+        self.rows.append({k: row.get(k, "") for k in self.fields})
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(buffer, fieldnames=self.fields)
         writer.writeheader()
         writer.writerows(self.rows)
         with atomic_path(self.path) as tmp:
