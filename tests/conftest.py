@@ -65,7 +65,6 @@ TINY_TRAIN = dict(
     discriminator_num_layers=2,  # three strided layers do not fit a 16^3 patch
     discriminator_channels=8,
     adv_weight=0.01,  # the critic's code paths (off by default)
-    spectral_weight=0.0,  # the tiny network learns faster on L1 alone; the spectral loss has its own tests
 )
 TINY_DIFFUSION = dict(
     diffusion_channels=[8, 8],
