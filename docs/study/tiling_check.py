@@ -8,15 +8,15 @@ sizes and margins (preprocessed grid; 'whole' means one window).
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 
-from scripts.checkpoints import load_checkpoint
-from scripts.data import list_volumes, preprocessing
+from scripts.data import list_volumes
+from scripts.engines import autocast
+from scripts.evaluate import Evaluation
 from scripts.inference import TiledInferer
-from monai.transforms import Compose
 from scripts.metrics import body_mask, masked_quality
-from scripts.networks import FactorAutoencoderKL, Reconstructor
 
 
 def main() -> None:
@@ -26,24 +26,21 @@ def main() -> None:
     p.add_argument("--roi", type=int, nargs="+", default=[64, 96, 128])
     p.add_argument("--margin", type=int, nargs="+", default=[16, 32])
     args = p.parse_args()
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(args.checkpoint)
-    net = FactorAutoencoderKL(**ckpt["autoencoder_args"])
-    net.load_state_dict(ckpt["autoencoder"])
-    model = Reconstructor(net).to(device).eval()
-    pre = ckpt["preprocessing"]
-    transform = Compose(preprocessing(1, pre["spacing"], pre["modality"], pre["intensity_percentiles"], pre["ct_window"], net.spatial_multiple))
+    # the network and preprocessing exactly as the evaluation command builds them from the checkpoint
+    evaluation = Evaluation(args.checkpoint, tempfile.mkdtemp(), mixed_precision="bf16")
+    model, transform, device = evaluation.network, evaluation.transform, evaluation.device
+    multiple = evaluation.autoencoder.spatial_multiple
     print("volume | whole | " + " | ".join(f"roi {r} m {m}" for r in args.roi for m in args.margin if r > 2 * m))
     for item in list_volumes(args.data_dir):
         x = transform(item)["image"].as_tensor()[None].to(device)
         mask = body_mask(x)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad(), autocast(device, evaluation.amp_dtype):
             whole = model(x).float()
             cells = [masked_quality(x, whole, mask)["psnr"]]
             for r in args.roi:
                 for m in args.margin:
                     if r > 2 * m:
-                        tiled = TiledInferer((r,) * 3, m, net.spatial_multiple)(x, model).float()
+                        tiled = TiledInferer((r,) * 3, m, multiple)(x, model).float()
                         cells.append(masked_quality(x, tiled, mask)["psnr"])
         print(f"{item['image'].split('/')[-1]} {tuple(x.shape[2:])} | " + " | ".join(f"{c:.2f}" for c in cells), flush=True)
 
