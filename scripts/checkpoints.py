@@ -98,7 +98,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
 RUNTIME_ONLY_ARGS = frozenset({"use_checkpoint", "use_flash_attention"})
 # arguments added after checkpoints were shipped: absent on one side means the network's default
 # (a checkpoint saved before ``norm`` was recorded holds GroupNorm weights)
-LATER_ARG_DEFAULTS = {"norm": "group"}
+LATER_ARG_DEFAULTS = {"norm": "group", "shortcut": False}
 
 
 def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, what: str) -> None:

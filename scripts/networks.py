@@ -13,6 +13,7 @@ Two layouts share one set of arguments:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ __all__ = [
     "SpaceToDepth",
     "DepthToSpace",
     "Reconstructor",
+    "init_posterior",
+    "shortcut_factors",
     "normalize_factors",
     "total_factor",
 ]
@@ -162,6 +165,35 @@ class DepthToSpace(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _depth_to_space(x, self.factor)
+
+
+def shortcut_factors(total: Sequence[int], in_channels: int, latent_channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """How the latent shortcut maps each ``total``-cell of voxels to ``latent_channels`` values:
+    average-pool by ``pool`` per axis, then space-to-depth by ``keep`` (``total = pool * keep`` per
+    axis, ``in_channels * prod(keep) = latent_channels``). Among the ways to split, the pooling is
+    the most even over the axes, so the shortcut blurs no axis more than it must."""
+    best = None
+    for keep in itertools.product(*(_divisors(f) for f in total)):
+        if in_channels * math.prod(keep) != latent_channels:
+            continue
+        pool = tuple(f // k for f, k in zip(total, keep))
+        spread = max(pool) / min(pool)
+        if best is None or spread < best[0]:
+            best = (spread, pool, tuple(keep))
+    if best is None:
+        raise ValueError(
+            f"shortcut=True needs latent_channels ({latent_channels}) = in_channels ({in_channels}) x a product of one "
+            f"divisor of each axis' total factor {list(total)} (e.g. {in_channels * math.prod(total)} keeps every voxel); "
+            f"choose such latent_channels, or shortcut=False."
+        )
+    return best[1], best[2]
+
+
+_AVG_POOL = {1: nn.functional.avg_pool1d, 2: nn.functional.avg_pool2d, 3: nn.functional.avg_pool3d}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class ChannelNorm(nn.Module):
@@ -434,6 +466,7 @@ def _check_layout(layout: str, num_levels: int) -> None:
 _FACTORS_KEY = "downsample_factors"
 _LAYOUT_KEY = "layout"
 _NORM_KEY = "norm"
+_SHORTCUT_KEY = "shortcut"
 
 
 class FactorAutoencoderKL(AutoencoderKL):
@@ -450,6 +483,12 @@ class FactorAutoencoderKL(AutoencoderKL):
             statistics over the channels of each voxel: the result does not depend on the window).
             The attention blocks keep ``GroupNorm`` and attend within a window: use ``"channel"``
             without attention where windowed inference must match whole-volume inference.
+        shortcut: add a parameter-free path from each cell of voxels to its latent values and back
+            (residual autoencoding): ``z_mu`` gets the cell average-pooled and packed into
+            ``latent_channels`` (:func:`shortcut_factors`), and the decoder's output gets that
+            packing undone and repeated back to full size. The network then learns what the plain
+            pooling misses instead of carrying every intensity through its normalisation layers.
+            Needs ``latent_channels = in_channels x`` a product of divisors of the total factor.
 
     The other arguments are MONAI's. ``encode``/``decode``/``sampling``/``reconstruct``/
     ``encode_stage_2_inputs``/``decode_stage_2_outputs`` are MONAI's, so ``LatentDiffusionInferer``
@@ -479,6 +518,7 @@ class FactorAutoencoderKL(AutoencoderKL):
         downsample_factors: Sequence[int | Sequence[int]] | None = None,
         layout: str = "strided",
         norm: str = "group",
+        shortcut: bool = False,
     ) -> None:
         # MONAI's __init__ hard-codes its Encoder/Decoder; we build the same submodules (same names,
         # so state dicts are interchangeable) with the factor-aware ones, validating everything first.
@@ -500,6 +540,9 @@ class FactorAutoencoderKL(AutoencoderKL):
         self.downsample_factors: Factors = factors
         self.layout = layout
         self.norm = norm
+        self.shortcut = bool(shortcut)
+        if self.shortcut:
+            self.shortcut_pool, self.shortcut_keep = shortcut_factors(total_factor(factors), in_channels, latent_channels)
         shared = dict(
             spatial_dims=spatial_dims,
             channels=channels,
@@ -560,7 +603,12 @@ class FactorAutoencoderKL(AutoencoderKL):
     @property
     def is_monai_default(self) -> bool:
         """True when the network is MONAI's AutoencoderKL (strided layout, factor 2 everywhere)."""
-        return self.layout == "strided" and self.norm == "group" and all(set(f) == {2} for f in self.downsample_factors)
+        return (
+            self.layout == "strided"
+            and self.norm == "group"
+            and not self.shortcut
+            and all(set(f) == {2} for f in self.downsample_factors)
+        )
 
     def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Latent spatial shape for an input of ``spatial_shape``; raises if it is not divisible."""
@@ -582,7 +630,20 @@ class FactorAutoencoderKL(AutoencoderKL):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_divisible(tuple(x.shape[2:]))
-        return super().encode(x)
+        z_mu, z_sigma = super().encode(x)
+        if self.shortcut:
+            pool = _AVG_POOL[self.spatial_dims]
+            z_mu = z_mu + _space_to_depth(pool(x, self.shortcut_pool, self.shortcut_pool), self.shortcut_keep).to(z_mu.dtype)
+        return z_mu, z_sigma
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        dec = super().decode(z)
+        if self.shortcut:
+            up = _depth_to_space(z, self.shortcut_keep)
+            for axis, f in enumerate(self.shortcut_pool):
+                up = up.repeat_interleave(f, dim=2 + axis) if f > 1 else up
+            dec = dec + up.to(dec.dtype)
+        return dec
 
 
 def _fmt(factors: Factors) -> str:
@@ -597,6 +658,7 @@ def _record_factors(module: FactorAutoencoderKL, state_dict: dict, prefix: str, 
         state_dict[prefix + _FACTORS_KEY] = torch.tensor(module.downsample_factors, dtype=torch.int64)
         state_dict[prefix + _LAYOUT_KEY] = torch.tensor(list(module.layout.encode()), dtype=torch.uint8)
         state_dict[prefix + _NORM_KEY] = torch.tensor(list(module.norm.encode()), dtype=torch.uint8)
+        state_dict[prefix + _SHORTCUT_KEY] = torch.tensor(module.shortcut)
 
 
 def _check_factors(
@@ -614,22 +676,40 @@ def _check_factors(
     factors_t = state_dict.pop(prefix + _FACTORS_KEY, None)
     layout_t = state_dict.pop(prefix + _LAYOUT_KEY, None)
     norm_t = state_dict.pop(prefix + _NORM_KEY, None)
+    shortcut_t = state_dict.pop(prefix + _SHORTCUT_KEY, None)
     if factors_t is None:
-        theirs = (tuple((2,) * module.spatial_dims for _ in module.downsample_factors), "strided", "group")
+        theirs = (tuple((2,) * module.spatial_dims for _ in module.downsample_factors), "strided", "group", False)
         origin = " (no factors recorded: MONAI's default)"
     else:
         theirs = (
             tuple(tuple(int(v) for v in row) for row in factors_t.tolist()),
             bytes(layout_t.tolist()).decode() if layout_t is not None else "strided",
             bytes(norm_t.tolist()).decode() if norm_t is not None else "group",  # saved before norm was recorded
+            bool(shortcut_t) if shortcut_t is not None else False,  # saved before the shortcut existed
         )
         origin = ""
-    ours = (module.downsample_factors, module.layout, module.norm)
+    ours = (module.downsample_factors, module.layout, module.norm, module.shortcut)
     if theirs != ours:  # also with strict=False: weights of other factors are never what was meant
         raise ValueError(
-            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}, norm {theirs[2]!r}"
-            f"{origin}, but this network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}, norm {ours[2]!r}."
+            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}, norm {theirs[2]!r}, "
+            f"shortcut {theirs[3]}{origin}, but this network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}, "
+            f"norm {ours[2]!r}, shortcut {ours[3]}."
         )
+
+
+def init_posterior(autoencoder: AutoencoderKL, log_var: float | None) -> AutoencoderKL:
+    """Start the posterior narrow: set the bias of ``quant_conv_log_sigma`` (it outputs the log
+    variance of ``z``) to ``log_var``; ``None`` keeps PyTorch's initialisation.
+
+    With the default bias near 0 the sampled latent starts with noise of standard deviation 1, as
+    large as the signal, and with a small KL weight only the reconstruction loss narrows it, slowly:
+    a latent channel with signal-to-noise ratio near 1 carries about half a bit per voxel, so the
+    decoder learns to ignore the detail the encoder could give it. Starting at ``log_var = -8``
+    (sigma 0.02) the latent carries its detail from the first step.
+    """
+    if log_var is not None:
+        nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, float(log_var))
+    return autoencoder
 
 
 class Reconstructor(nn.Module):

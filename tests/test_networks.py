@@ -25,6 +25,7 @@ from scripts.networks import (
     FactorDownsample,
     Reconstructor,
     SpaceToDepth,
+    shortcut_factors,
     total_factor,
 )
 
@@ -289,7 +290,7 @@ def test_norm_is_recorded_and_refused_on_mismatch(layout):
     channel_sd = channel.state_dict()
     assert _recorded_norm(channel_sd) == "channel"
     # ChannelNorm's parameters are named and shaped as GroupNorm's: only the record can object
-    records = ("downsample_factors", "layout", "norm")  # (a strided 2x2 GroupNorm network is MONAI's: none)
+    records = ("downsample_factors", "layout", "norm", "shortcut")  # (a strided 2x2 GroupNorm network is MONAI's: none)
     shapes = {k: v.shape for k, v in channel_sd.items() if k not in records}
     assert shapes == {k: v.shape for k, v in group.state_dict().items() if k not in records}
     before = [p.clone() for p in group.parameters()]
@@ -327,7 +328,7 @@ def test_channel_norm_is_not_monai_default():
     channel = make_ae(3, [2, 2], "strided", norm="channel")
     assert group.is_monai_default and "norm" not in group.state_dict()
     assert not channel.is_monai_default and _recorded_norm(channel.state_dict()) == "channel"
-    with pytest.raises(ValueError, match=r"norm 'group' \(no factors recorded: MONAI's default\).*norm 'channel'"):
+    with pytest.raises(ValueError, match=r"norm 'group', shortcut False \(no factors recorded: MONAI's default\).*norm 'channel'"):
         channel.load_state_dict(AutoencoderKL(**tiny_kwargs(3)).state_dict())
 
 
@@ -667,3 +668,38 @@ def test_reconstructor_state_dict_is_the_autoencoders():
         assert torch.equal(fresh(x), ae.reconstruct(x))
     with pytest.raises(ValueError, match=r"\(2, 2\)"):
         Reconstructor(make_ae(3, [2, 2], "space_to_depth")).load_state_dict(ae_sd)
+
+
+def test_shortcut_alone_is_average_pooling_and_back():
+    """With every weight zero only the shortcut is left: the reconstruction is the volume
+    average-pooled by the shortcut's pool factors and repeated back, exactly."""
+    ae = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=True)
+    assert (ae.shortcut_pool, ae.shortcut_keep) == ((2, 2, 1), (2, 2, 4))
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.zero_()
+        x = torch.rand(1, 1, 16, 16, 8)
+        expected = F.avg_pool3d(x, (2, 2, 1)).repeat_interleave(2, 2).repeat_interleave(2, 3)
+        assert torch.allclose(ae.reconstruct(x), expected, atol=1e-6)
+        assert ae.encode(x)[0].shape == (1, 16, 4, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "total, latent, pool",
+    [((4, 4, 4), 16, (2, 2, 1)), ((8, 8, 8), 32, (4, 2, 2)), ((16, 16, 16), 64, (4, 4, 4)), ((4, 4, 1), 16, (1, 1, 1))],
+)
+def test_shortcut_pools_as_evenly_as_the_latent_allows(total, latent, pool):
+    assert shortcut_factors(total, 1, latent)[0] == pool
+
+
+def test_shortcut_refuses_latent_channels_it_cannot_fill():
+    with pytest.raises(ValueError, match=r"shortcut=True needs latent_channels \(3\)"):
+        make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=3, shortcut=True)
+
+
+def test_shortcut_is_recorded_and_refused_on_mismatch():
+    with_shortcut = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=True)
+    without = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16)
+    with pytest.raises(ValueError, match="shortcut True.*shortcut False"):
+        without.load_state_dict(with_shortcut.state_dict())
+    without.load_state_dict(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16).state_dict())

@@ -24,9 +24,13 @@ for name in names:
     print("kept", name)
 PY
 # the bundle's evaluation of each kept model on the validation volumes, in their own grids
-for name in $(printf '%s\n' "$best" "$@" | sort -u); do
+names=$(printf '%s\n' "$best" "$@" | sort -u)
+for name in $names; do  # side by side: one evaluation per kept run
   python3 -m scripts.evaluate --dataset_dir /tmp/data/val --checkpoint "/tmp/runs/$name/model_autoencoder.pt" \
-    --output_dir "/tmp/eval/$name" >"/tmp/eval_$name.log" 2>&1
+    --output_dir "/tmp/eval/$name" >"/tmp/eval_$name.log" 2>&1 &
+done
+wait
+for name in $names; do
   { echo "## $name"; cat "/tmp/eval/$name/evaluation.md" || tail -n 5 "/tmp/eval_$name.log"; echo; } >>"$OUT/eval.md"
 done
 [[ "${TILING:-0}" == 1 ]] && python3 docs/study/tiling_check.py "/tmp/runs/$best/model_autoencoder.pt" /tmp/data/val | tee "$OUT/tiling.txt"
