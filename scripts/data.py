@@ -30,7 +30,7 @@ from monai.utils import TraceKeys
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import zoom as zoom_array
 
-from scripts.checkpoints import atomic_path
+from scripts.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _is_nifti(path: Path) -> bool:
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
-    """Write a NIfTI file atomically (see :func:`scripts.checkpoints.atomic_path`)."""
+    """Write a NIfTI file atomically (see :func:`scripts.io.atomic_path`)."""
     with atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(array, affine), tmp)
 

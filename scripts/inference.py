@@ -21,9 +21,10 @@ from monai.data import Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer, LatentDiffusionInferer
 
-from scripts.checkpoints import atomic_path, save_atomic
+from scripts.checkpoints import save_atomic
 from scripts.data import save_nifti_atomic
 from scripts.engines import autocast
+from scripts.io import write_atomic
 from scripts.metrics import body_mask, masked_quality
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,7 @@ class ResultsCSV:
         writer = csv.DictWriter(buffer, fieldnames=self.fields)
         writer.writeheader()
         writer.writerows(self.rows)
-        with atomic_path(self.path) as tmp:
-            Path(tmp).write_text(buffer.getvalue())
+        write_atomic(self.path, buffer.getvalue())
 
     @property
     def failures(self) -> list[dict]:
