@@ -25,7 +25,7 @@ from monai.transforms import Compose, Invertd
 from scripts.checkpoints import load_checkpoint
 from scripts.engines import autocast, autocast_dtype
 from scripts.io import write_atomic
-from scripts.inference import ResultsCSV, TiledInferer, _root_cause, unique_path
+from scripts.inference import ResultsCSV, TiledInferer, _root_cause
 from scripts.metrics import interpolation_floor, score
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
@@ -93,7 +93,7 @@ class Evaluation:
         self.amp_dtype = autocast_dtype(mixed_precision, self.device)
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.results = ResultsCSV(unique_path(self.output_dir / "evaluation.csv"), FIELDS)
+        self.results = ResultsCSV(self.output_dir / "evaluation.csv", FIELDS)
         self.csv_path = self.results.path
         self.md_path = self.csv_path.with_suffix(".md")
         self.checkpoint = str(checkpoint)
