@@ -8,45 +8,19 @@ config is reported with both sides before any long work starts.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.io import atomic_path, remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, so a
-    reader (or a killed run) never sees half a file; on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)  # keep .nii.gz etc., writers pick the format from it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name.removesuffix(suffix)}.", suffix=suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _default_mode())
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _default_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (mkstemp's is 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -65,10 +39,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` through :func:`atomic_path`, tensors moved to the CPU so the file loads on any
     machine; a killed run leaves the previous good file in place."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(_to_cpu(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(_to_cpu(obj), tmp)
 
 
 def _state(obj: Any) -> Any:
@@ -175,11 +146,16 @@ class AtomicCheckpointSaver:
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
+        engine.add_event_handler(Events.STARTED, self._on_started)
         if self.key_metric_name is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_metric)
         else:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._on_epoch)
             engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_started(self, engine: Engine) -> None:
+        # a run killed while saving left its temporary beside the file; this saver alone writes it
+        remove_stale_temporaries(self.path)
 
     def _on_epoch(self, engine: Engine) -> None:
         self.save(trainer=engine)

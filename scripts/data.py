@@ -30,7 +30,7 @@ from monai.utils import TraceKeys
 from scipy.ndimage import gaussian_filter
 from scipy.ndimage import zoom as zoom_array
 
-from scripts.checkpoints import atomic_path
+from scripts.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _is_nifti(path: Path) -> bool:
 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
-    """Write a NIfTI file atomically (see :func:`scripts.checkpoints.atomic_path`)."""
+    """Write a NIfTI file atomically (see :func:`scripts.io.atomic_path`)."""
     with atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(array, affine), tmp)
 
@@ -244,28 +244,68 @@ class UnitIntensityRanged(MapTransform, InvertibleTransform):
         return d
 
 
-class CheckVolumed(MapTransform):
-    """Refuse, by its path, a volume that is not 3D or has the wrong number of channels (header only)."""
+def resampled_shape(path: str | Path, spacing: Sequence[float] | None) -> tuple[int, ...]:
+    """The spatial shape a volume will have after ``Orientationd`` (RAS) and ``Spacingd(pixdim=spacing)``,
+    from its header alone (``Spacingd``'s own rule, :func:`monai.data.utils.compute_shape_offset`:
+    the extent between voxel centres over the new spacing, plus one); its own shape for ``spacing`` None."""
+    image = nib.load(str(path))
+    shape = image.shape[:3]
+    if spacing is None:
+        return tuple(int(s) for s in shape)
+    zooms = np.linalg.norm(image.affine[:3, :3], axis=0)
+    ras_axis = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)  # axis i goes to RAS axis ras_axis[i]
+    resampled = [0, 0, 0]
+    for n, z, a in zip(shape, zooms, ras_axis):
+        resampled[a] = int(np.round((n - 1) * z / float(spacing[a]) + 1))
+    return tuple(resampled)
 
-    def __init__(self, keys: str | Sequence[str], in_channels: int = 1) -> None:
+
+class CheckVolumed(MapTransform):
+    """Refuse, by its path and from its header only (before anything is loaded), a volume that is not
+    3D, has the wrong number of channels, or would exceed ``max_voxels`` once resampled to ``spacing``."""
+
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        in_channels: int = 1,
+        spacing: Sequence[float] | None = None,
+        max_voxels: int | None = None,
+    ) -> None:
         super().__init__(keys)
         self.in_channels = in_channels
+        self.spacing = spacing
+        self.max_voxels = max_voxels
 
     def __call__(self, data: Mapping) -> Mapping:
         for key in self.key_iterator(data):
-            check_volume(data[key], self.in_channels)
+            shape = check_volume(data[key], self.in_channels)
+            if self.max_voxels is not None:
+                resampled = resampled_shape(data[key], self.spacing)
+                voxels = math.prod(resampled) * self.in_channels
+                if voxels > self.max_voxels:
+                    at = f" at spacing {list(self.spacing)} mm" if self.spacing is not None else ""
+                    raise ValueError(
+                        f"volume '{data[key]}' ({'x'.join(map(str, shape))} voxels) would be {'x'.join(map(str, resampled))}"
+                        f"{at}: {voxels:,} voxels, more than max_voxels ({self.max_voxels:,}). "
+                        f"Use a coarser spacing, or raise max_voxels if this machine has the memory for it."
+                    )
         return data
 
 
-class CheckFinited(MapTransform):
-    """Refuse a loaded volume with NaN or infinite values, naming its file."""
+class CheckIntensityd(MapTransform):
+    """Refuse, naming its file, a loaded volume that holds NaN or infinite values, or one value
+    throughout (an all-zero or constant volume has nothing to reconstruct or learn, and its [0, 1]
+    mapping would be empty)."""
 
     def __call__(self, data: Mapping) -> Mapping:
         for key in self.key_iterator(data):
-            image = data[key]
-            if not torch.isfinite(torch.as_tensor(image)).all():
-                name = getattr(image, "meta", {}).get("filename_or_obj", key)
+            image = torch.as_tensor(data[key])
+            name = getattr(data[key], "meta", {}).get("filename_or_obj", key)
+            if not torch.isfinite(image).all():
                 raise ValueError(f"volume '{name}' contains NaN or infinite values.")
+            low, high = torch.aminmax(image)
+            if low == high:
+                raise ValueError(f"volume '{name}' is constant (every voxel is {low.item():g}); expected an image with contrast.")
         return data
 
 
@@ -277,20 +317,24 @@ def preprocessing(
     ct_window: Sequence[float],
     multiple: Sequence[int],
     keys: str = "image",
+    max_voxels: int | None = None,
 ) -> list:
     """The one preprocessing chain of training, validation and inference: check, load, channel
     first, RAS, optional resampling, intensity range to [0, 1] (unclipped), foreground crop, pad to
     the network's multiple. Every step is invertible, so reconstructions return to the input's
-    geometry and units."""
+    geometry and units. With ``max_voxels``, a volume larger than that once resampled is refused
+    from its header, before it is loaded."""
+    if isinstance(spacing, str) and spacing.lower() in ("none", "null"):
+        spacing = None  # the CLI cannot pass None
     transforms = [
-        CheckVolumed(keys, in_channels),
+        CheckVolumed(keys, in_channels, spacing, max_voxels),
         LoadImaged(keys, image_only=True),
-        CheckFinited(keys),
+        CheckIntensityd(keys),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS", labels=None),
     ]
-    if spacing is not None and not (isinstance(spacing, str) and spacing.lower() in ("none", "null")):
-        transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))  # ("none": the CLI cannot pass None)
+    if spacing is not None:
+        transforms.append(Spacingd(keys, pixdim=spacing, mode="bilinear"))
     transforms += [
         UnitIntensityRanged(keys, modality, percentiles, ct_window),
         CropForegroundd(keys, source_key=keys, allow_smaller=True),

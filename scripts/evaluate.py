@@ -22,9 +22,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from scripts.checkpoints import atomic_path, load_checkpoint
+from scripts.checkpoints import load_checkpoint
 from scripts.engines import autocast, autocast_dtype
-from scripts.inference import ResultsCSV, TiledInferer, _root_cause, unique_path
+from scripts.io import write_atomic
+from scripts.inference import ResultsCSV, TiledInferer, _root_cause
 from scripts.metrics import interpolation_floor, score
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
@@ -92,7 +93,7 @@ class Evaluation:
         self.amp_dtype = autocast_dtype(mixed_precision, self.device)
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.results = ResultsCSV(unique_path(self.output_dir / "evaluation.csv"), FIELDS)
+        self.results = ResultsCSV(self.output_dir / "evaluation.csv", FIELDS)
         self.csv_path = self.results.path
         self.md_path = self.csv_path.with_suffix(".md")
         self.checkpoint = str(checkpoint)
@@ -127,8 +128,7 @@ class Evaluation:
             row = {"file": Path(path).name, "error": _root_cause(e)}
         row["seconds"] = f"{time.perf_counter() - start:.1f}"
         self.results.add(**row)
-        with atomic_path(self.md_path) as tmp:
-            Path(tmp).write_text(markdown_table(self.results.rows, self.checkpoint))
+        write_atomic(self.md_path, markdown_table(self.results.rows, self.checkpoint))
         logger.info(
             f"[{len(self.results.rows)}] {row['file']}: "
             + (f"PSNR {row['psnr']} dB (floor {row['psnr_floor']}), SSIM {row['ssim']}, MAE {row['mae']}" if "psnr" in row else "failed")

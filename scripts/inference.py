@@ -9,26 +9,30 @@ import io
 import itertools
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
 from monai.data import Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer, LatentDiffusionInferer
+from monai.utils import CommonKeys
 
-from scripts.checkpoints import atomic_path, save_atomic
+from scripts.checkpoints import save_atomic
 from scripts.data import save_nifti_atomic
 from scripts.engines import autocast
+from scripts.io import atomic_path, claim_path, claimed, write_atomic
 from scripts.metrics import body_mask, masked_quality
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("file", "status", "psnr", "ssim", "seconds", "output", "latent", "error")
+CSV_FIELDS = ("file", "status", "shape", "psnr", "ssim", "seconds", "output", "latent", "error")
 
 
 def _root_cause(error: BaseException) -> str:
@@ -120,18 +124,6 @@ class SafeDataset(Dataset):
             return {"error": _root_cause(e), "image_path": str(self.data[index]["image"])}
 
 
-def unique_path(path: str | Path) -> Path:
-    """``path``, or ``name_1``, ``name_2``, ... beside it: outputs never overwrite an existing file."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)]
-    candidate, i = path, 0
-    while candidate.exists():
-        i += 1
-        candidate = path.with_name(f"{stem}_{i}{suffix}")
-    return candidate
-
-
 def _stem(path: str | Path) -> str:
     name = Path(path).name
     for suffix in (".nii.gz", ".nii"):
@@ -140,22 +132,85 @@ def _stem(path: str | Path) -> str:
     return Path(name).stem
 
 
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` and prove that a file can be written there, so that a folder that is a
+    file or read-only is refused before the first volume is computed."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir '{path}' is a file; expected a folder (it is created if missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(
+            f"output_dir '{path}' cannot be written to ({e.strerror or e}); give a folder this user can write to."
+        ) from e
+    return path
+
+
+def check_output_dtype(output_dtype: str | None) -> np.dtype | None:
+    """``None`` (each input's own data type), or a NumPy integer or float type such as ``float32``."""
+    if output_dtype is None or str(output_dtype).lower() in ("none", "null"):
+        return None
+    try:
+        dtype = np.dtype(output_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ValueError(f"output_dtype must be null (each input's own type) or a number type such as float32, got {output_dtype!r}.")
+    return dtype
+
+
+def save_nifti_like(
+    array: np.ndarray, affine: np.ndarray, path: str | Path, reference: str | Path, dtype: np.dtype | None = None
+) -> None:
+    """Write ``array`` (channels first) atomically as NIfTI in the manner of the ``reference`` file:
+    its qform and sform codes (an MNI-space input, code 4, stays code 4), its spatial units, channels
+    last as it stores them, and its data type unless ``dtype`` is given. To an integer type values are
+    rounded and clipped to its range (for an input stored with a scale factor nibabel picks a new one)."""
+    header = nib.load(str(reference)).header
+    data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    if dtype is None:
+        dtype = header.get_data_dtype()
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+            dtype = np.dtype(np.float32)  # e.g. RGB or complex inputs
+    slope, inter = header.get_slope_inter()
+    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+    if np.issubdtype(dtype, np.integer) and not scaled:
+        info = np.iinfo(dtype)
+        data = np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    elif np.issubdtype(dtype, np.floating):
+        data = data.astype(dtype)
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_data_dtype(dtype)
+    image.header.set_xyzt_units(*header.get_xyzt_units())
+    image.set_qform(affine, code=int(header.get("qform_code", 0)))
+    image.set_sform(affine, code=int(header.get("sform_code", 2)))
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+
+
 class ResultsCSV:
-    """The per-file results table, rewritten atomically after each file."""
+    """The run's results table, a row per file, under a name claimed for this run alone (``name.csv``
+    or ``name_1.csv``, ...: runs into one folder never share one) and rewritten atomically after each row."""
 
     def __init__(self, path: str | Path, fields: Sequence[str] = CSV_FIELDS) -> None:
-        self.path = Path(path)
         self.fields = tuple(fields)
         self.rows: list[dict] = []
+        self.path = claim_path(path)
+        self._write()
 
     def add(self, **row: Any) -> None:
         self.rows.append({k: row.get(k, "") for k in self.fields})
+        self._write()
+
+    def _write(self) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.fields)
         writer.writeheader()
         writer.writerows(self.rows)
-        with atomic_path(self.path) as tmp:
-            Path(tmp).write_text(buffer.getvalue())
+        write_atomic(self.path, buffer.getvalue())
 
     @property
     def failures(self) -> list[dict]:
@@ -173,13 +228,25 @@ class LatentEncoder(nn.Module):
         return self.autoencoder.encode(x)[0].float()
 
 
+def _image_batch(batchdata: list[dict], device: torch.device, non_blocking: bool = False, **kwargs: Any) -> tuple:
+    """``prepare_batch`` for one item of ``no_collation``: its image with a batch axis, and no label."""
+    (item,) = batchdata
+    return item["image"].as_tensor().unsqueeze(0).to(device, non_blocking=non_blocking), None
+
+
 class ReconstructionEvaluator(SupervisedEvaluator):
     """Encode and decode every volume of ``val_data_loader`` (a :class:`SafeDataset` with batch size 1
-    and ``no_collation``), write the reconstruction in the input's own geometry and intensity units
-    (``postprocessing`` holds the ``Invertd``), optionally the latent ``z_mu``, and a CSV of PSNR and
-    SSIM (the measure of :mod:`scripts.metrics`, on the preprocessed volume; ``python -m
-    scripts.evaluate`` takes it in the input's own grid) and time per file. Large volumes go through
-    ``inferer`` (:class:`TiledInferer`) so memory stays bounded.
+    and ``no_collation``) and write each reconstruction in its input's own geometry, intensity units,
+    header codes and data type (``output_dtype`` for another), optionally its latent ``z_mu``, and a
+    CSV row of PSNR and SSIM (the measure of :mod:`scripts.metrics`, on the preprocessed volume;
+    ``python -m scripts.evaluate`` takes it in the input's own grid) and seconds per file.
+
+    The parts are MONAI's: the evaluator's own iteration runs the network through ``inferer``
+    (:class:`TiledInferer`, so memory stays bounded) in eval mode without gradients; ``postprocessing``
+    (the ``Invertd`` of the preprocessing) returns the result to the input's grid and units. What is
+    added is per file: a file that fails any step becomes a row with its error and the next is
+    processed, output names are claimed (``O_EXCL``) so concurrent runs into one ``output_dir`` never
+    overwrite each other, and a log line shows progress (index/total, shape, seconds).
     """
 
     def __init__(
@@ -192,58 +259,64 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         output_dir: str | Path,
         latent_inferer: Inferer | None = None,
         save_latent: str | None = None,
+        output_dtype: str | None = None,
         amp_dtype: torch.dtype | None = None,
         val_handlers: Sequence | None = None,
     ) -> None:
         if save_latent not in (None, "nifti", "pt"):
             raise ValueError(f"save_latent must be null, 'nifti' or 'pt', got {save_latent!r}.")
+        self.output_dtype = check_output_dtype(output_dtype)
+        self.output_dir = check_output_dir(output_dir)
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
             network=network,
+            prepare_batch=_image_batch,
             inferer=inferer,
-            postprocessing=None,
+            postprocessing=None,  # applied per file in _iteration, where its failure is that file's row
             val_handlers=val_handlers,
+            amp=amp_dtype is not None,
+            amp_kwargs={"dtype": amp_dtype},
             decollate=False,
         )
         self.invert = postprocessing
-        self.output_dir = Path(output_dir)
         self.latent_inferer = latent_inferer or inferer
         self.save_latent = save_latent
         self.amp_dtype = amp_dtype
-        self.results = ResultsCSV(unique_path(self.output_dir / "reconstruction_metrics.csv"))
+        self.results = ResultsCSV(self.output_dir / "reconstruction_metrics.csv")
 
     def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
         (item,) = batchdata
         start = time.perf_counter()
-        if "error" in item:
-            logger.error(f"{item['image_path']}: {item['error']}")
-            self.results.add(file=item["image_path"], status="failed", error=item["error"])
-            return {}
-        path = item["image"].meta.get("filename_or_obj", "")
-        try:
-            row = self._reconstruct(item, path)
-        except Exception as e:
-            logger.error(f"{path}: {_root_cause(e)}")
-            row = {"file": path, "status": "failed", "error": _root_cause(e)}
+        if "error" in item:  # SafeDataset's record of a file refused by the checks or not loadable
+            row = {"file": item["image_path"], "status": "failed", "error": item["error"]}
+        else:
+            row = {"file": item["image"].meta.get("filename_or_obj", ""), "shape": "x".join(map(str, item["image"].shape[1:]))}
+            try:
+                row.update(self._reconstruct(engine, batchdata))
+            except Exception as e:
+                row.update(status="failed", error=_root_cause(e))
         row["seconds"] = f"{time.perf_counter() - start:.3f}"
         self.results.add(**row)
-        return {}
+        position = f"[{engine.state.iteration}/{engine.state.epoch_length}] {row['file']}"
+        if row["status"] == "ok":
+            logger.info(f"{position}: {row['shape']} voxels after preprocessing, PSNR {float(row['psnr']):.2f} dB, {float(row['seconds']):.1f} s -> {row['output']}")
+        else:
+            logger.error(f"{position}: {row['error']}")
+        return row
 
-    def _reconstruct(self, item: dict, path: str) -> dict:
-        image = item["image"]
-        x = image.as_tensor().unsqueeze(0).to(self.state.device)
-        self.network.eval()
-        with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
-            recon = self.inferer(x, self.network).float()
+    def _reconstruct(self, engine: Any, batchdata: list[dict]) -> dict:
+        (item,) = batchdata
+        path = item["image"].meta.get("filename_or_obj", "")
+        output = super()._iteration(engine, batchdata)  # MONAI's: prepare_batch, eval mode, no_grad, autocast, inferer
+        x, recon = output[CommonKeys.IMAGE], output[CommonKeys.PRED].float()
         quality = masked_quality(x, recon, body_mask(x))  # the bundle's measure, on the preprocessed grid
-        psnr, ssim = quality["psnr"], quality["ssim"]
-        out = self.invert({"image": image, "pred": MetaTensor(recon[0].cpu())})["pred"]
-        output = unique_path(self.output_dir / f"{_stem(path)}_recon.nii.gz")
-        save_nifti_atomic(out[0].numpy().astype(np.float32), out.affine.numpy(), output)
-        row = {"file": path, "status": "ok", "psnr": f"{psnr:.4f}", "ssim": f"{ssim:.4f}", "output": str(output)}
+        out = self.invert({"image": item["image"], "pred": MetaTensor(recon[0].cpu())})["pred"]
+        with claimed(self.output_dir / f"{_stem(path)}_recon.nii.gz") as target:
+            save_nifti_like(out.numpy(), out.affine.numpy(), target, path, self.output_dtype)
+        row = {"status": "ok", "psnr": f"{quality['psnr']:.4f}", "ssim": f"{quality['ssim']:.4f}", "output": str(target)}
         if self.save_latent is not None:
-            row["latent"] = str(self._write_latent(x, image, path))
+            row["latent"] = str(self._write_latent(x, item["image"], path))
         return row
 
     def _write_latent(self, x: torch.Tensor, image: MetaTensor, path: str) -> Path:
@@ -255,20 +328,21 @@ class ReconstructionEvaluator(SupervisedEvaluator):
         scale = np.diag([*factor, 1.0]).astype(np.float64)
         scale[:3, 3] = [(f - 1) / 2 for f in factor]
         affine = image.affine.numpy() @ scale
-        if self.save_latent == "pt":
-            target = unique_path(self.output_dir / f"{_stem(path)}_latent.pt")
-            save_atomic({"z_mu": z_mu, "affine": torch.as_tensor(affine)}, target)
-        else:
-            target = unique_path(self.output_dir / f"{_stem(path)}_latent.nii.gz")
-            save_nifti_atomic(np.moveaxis(z_mu.numpy(), 0, -1), affine, target)
+        suffix = "pt" if self.save_latent == "pt" else "nii.gz"
+        with claimed(self.output_dir / f"{_stem(path)}_latent.{suffix}") as target:
+            if self.save_latent == "pt":
+                save_atomic({"z_mu": z_mu, "affine": torch.as_tensor(affine)}, target)
+            else:
+                save_nifti_like(z_mu.numpy(), affine, target, path, np.dtype(np.float32))
         return target
 
 
 class GenerationEvaluator(SupervisedEvaluator):
     """Sample one volume per item of ``val_data_loader`` (``{"index": i}``): noise of the latent shape
-    from a generator seeded by ``(seed, i)``, DDIM through ``LatentDiffusionInferer.sample`` (which
-    divides by the latent scale factor saved with the diffusion model), decode, and write NIfTI with
-    the training voxel spacing. The same seed writes the same volumes."""
+    from a generator seeded by ``(seed, i)``, ``num_inference_steps`` DDIM steps through
+    ``LatentDiffusionInferer.sample`` (which divides by the latent scale factor saved with the
+    diffusion model), decode, and write NIfTI with the training voxel spacing. The same seed writes
+    the same volumes; output names are claimed, so no run overwrites another's."""
 
     def __init__(
         self,
@@ -281,10 +355,17 @@ class GenerationEvaluator(SupervisedEvaluator):
         latent_shape: Sequence[int],
         output_dir: str | Path,
         spacing: Sequence[float] | None,
+        num_inference_steps: int = 50,
         seed: int = 0,
         amp_dtype: torch.dtype | None = None,
         val_handlers: Sequence | None = None,
     ) -> None:
+        if not 1 <= int(num_inference_steps) <= scheduler.num_train_timesteps:  # with no step DDIM decodes the noise itself
+            raise ValueError(
+                f"num_inference_steps is {num_inference_steps}; it must be at least 1 and at most "
+                f"{scheduler.num_train_timesteps}, the steps the model was trained with (num_train_timesteps)."
+            )
+        scheduler.set_timesteps(num_inference_steps=int(num_inference_steps))
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -293,14 +374,14 @@ class GenerationEvaluator(SupervisedEvaluator):
             val_handlers=val_handlers,
             decollate=False,
         )
+        self.output_dir = check_output_dir(output_dir)
         self.autoencoder = autoencoder
         self.scheduler = scheduler
         self.latent_shape = tuple(latent_shape)
-        self.output_dir = Path(output_dir)
         self.spacing = tuple(spacing) if spacing is not None else (1.0,) * (len(self.latent_shape) - 1)
         self.seed = seed
         self.amp_dtype = amp_dtype
-        self.results = ResultsCSV(unique_path(self.output_dir / "generated.csv"))
+        self.results = ResultsCSV(self.output_dir / "generated.csv")
 
     def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
         (item,) = batchdata
@@ -321,18 +402,22 @@ class GenerationEvaluator(SupervisedEvaluator):
         volume = image.float().clamp(0, 1)[0, 0].cpu().numpy()
         affine = np.diag([*self.spacing, 1.0])
         affine[:3, 3] = [-(n - 1) * s / 2 for n, s in zip(volume.shape, self.spacing)]
-        output = unique_path(self.output_dir / f"sample_seed{self.seed}_{index:04d}.nii.gz")
-        save_nifti_atomic(volume, affine, output)
+        with claimed(self.output_dir / f"sample_seed{self.seed}_{index:04d}.nii.gz") as output:
+            save_nifti_atomic(volume, affine, output)
         self.results.add(file=str(index), status="ok", seconds=f"{time.perf_counter() - start:.3f}", output=str(output))
         logger.info(f"wrote {output}")
         return {}
 
 
 def finish(evaluator: Any) -> None:
-    """End the run: a summary line, and exit status 1 if any file failed (the CSV says which)."""
+    """End the run with a summary (volumes done and failed, where the table and the outputs are), and
+    exit status 1 if any file failed (the table says why)."""
     failures = evaluator.results.failures
     total = len(evaluator.results.rows)
-    logger.info(f"{total - len(failures)} of {total} done; results in {evaluator.results.path}")
+    logger.info(
+        f"{total - len(failures)} of {total} done, {len(failures)} failed; "
+        f"results in {evaluator.results.path}, outputs in {evaluator.output_dir}"
+    )
     if failures:
         logger.error(f"{len(failures)} of {total} failed: " + "; ".join(f"{r['file']}: {r['error']}" for r in failures))
         raise SystemExit(1)

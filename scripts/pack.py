@@ -21,17 +21,17 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from scripts.io import atomic_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def update_hashes(bundle_root: str | Path) -> dict[str, str | None]:
     text = path.read_text()
     new = _rewrite_large_files(text, changes)
     if new != text:
-        _write_atomic(path, new.encode())
+        write_atomic(path, new)
     return result
 
 
@@ -216,19 +216,6 @@ def _zip_info(name: str, mode: int) -> zipfile.ZipInfo:
     return info
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pack(
     bundle_root: str | Path,
     output_dir: str | Path,
@@ -256,26 +243,13 @@ def pack(
     dirs = {f"{name}/"} | {f"{name}/{'/'.join(n.split('/')[:i])}/" for n in files for i in range(1, n.count("/") + 1)}
     entries = sorted([(d, None) for d in dirs] + [(f"{name}/{n}", contents[n]) for n in files])
     target = Path(output_dir) / f"{name}_v{version}.zip"
-    fd, tmp = tempfile.mkstemp(dir=_mkdir(target.parent), prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            for arcname, data in entries:
-                if data is None:
-                    zf.writestr(_zip_info(arcname, DIR_MODE), b"")
-                else:
-                    zf.writestr(_zip_info(arcname, FILE_MODE), data, compresslevel=9)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for arcname, data in entries:
+            if data is None:
+                zf.writestr(_zip_info(arcname, DIR_MODE), b"")
+            else:
+                zf.writestr(_zip_info(arcname, FILE_MODE), data, compresslevel=9)
     return target
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
-from scripts.checkpoints import atomic_path
+from scripts.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

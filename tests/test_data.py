@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -382,3 +383,79 @@ def test_disk_cache_is_keyed_by_the_transforms(tmp_path):
         shapes.append(tuple(dataset[0]["image"].shape[1:]))
     assert all(s % 4 == 0 for s in shapes[0]) and all(s % 16 == 0 for s in shapes[1])
     assert shapes[0] != shapes[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the data checks of the preprocessing chain (training and inference alike)
+
+
+@pytest.mark.parametrize("value", [0.0, 310.0])
+def test_constant_volume_is_refused_by_name(tmp_path, value):
+    path = write_volume(tmp_path / "blank.nii.gz", np.full((30, 30, 30), value, np.float32))
+    chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
+    with pytest.raises(Exception) as info:
+        chain({"image": str(path)})
+    assert f"volume '{path}' is constant (every voxel is {value:g}); expected an image with contrast" in _text(info.value)
+
+
+def test_training_refuses_a_constant_validation_volume_when_its_dataset_is_built(tmp_path):
+    """The training config's validation dataset (CacheDataset) runs the checks as it is built, before
+    any epoch: a blank volume is named there, not after an epoch of training."""
+    from conftest import AE_CONFIG, make_workflow, train_overrides, write_dataset
+
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    write_dataset(train_dir, 2)
+    write_volume(val_dir / "head.nii.gz", phantom(seed=3))
+    blank = write_volume(val_dir / "blank.nii.gz", np.zeros((30, 30, 30), np.float32))
+    workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, train_dir, val_dataset_dir=str(val_dir)))
+    with pytest.raises(Exception) as info:
+        workflow.parser.get_parsed_content("validate#dataset")
+    assert f"volume '{blank}' is constant (every voxel is 0)" in _text(info.value)
+
+
+def _text(error):
+    return "\n".join(str(e) for e in _chain(error))
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_resampled_shape_is_the_shape_spacingd_gives(tmp_path, case):
+    """From the header alone, the shape after Orientationd (RAS) and Spacingd: axes swapped, flipped,
+    anisotropic and oblique."""
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+
+    rng = np.random.default_rng(case)
+    shape = tuple(int(n) for n in rng.integers(5, 20, 3))
+    affine = np.diag([*rng.uniform(0.7, 5.0, 3), 1.0])
+    swap = np.eye(4)
+    swap[:3, :3] = np.eye(3)[rng.permutation(3)] * rng.choice([-1, 1], 3)
+    affine = swap @ affine
+    if case == 4:  # oblique: rotated by 0.2 rad about z
+        rotation = np.eye(4)
+        rotation[:2, :2] = [[np.cos(0.2), -np.sin(0.2)], [np.sin(0.2), np.cos(0.2)]]
+        affine = rotation @ affine
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), affine), str(path))
+    spacing = rng.uniform(0.8, 3.0, 3).round(2).tolist()
+    chain = Compose(
+        [LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), Orientationd("image", "RAS", labels=None), Spacingd("image", spacing)]
+    )
+    assert data.resampled_shape(path, spacing) == tuple(chain({"image": str(path)})["image"].shape[1:])
+    assert data.resampled_shape(path, None) == shape
+
+
+def test_volume_too_large_once_resampled_is_refused_from_its_header(tmp_path):
+    """A 15 KB file of 16^3 voxels of 25 mm is 376^3 voxels at 1 mm: refused in well under a second,
+    by name, with the size and the option, before it is loaded or resampled."""
+    path = write_volume(tmp_path / "coarse.nii.gz", phantom((16, 16, 16), (25.0,) * 3), spacing=(25.0,) * 3)
+    chain = Compose(data.preprocessing(1, [1.0, 1.0, 1.0], "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4), max_voxels=50_000_000))
+    start = time.perf_counter()
+    with pytest.raises(Exception) as info:
+        chain({"image": str(path)})
+    assert time.perf_counter() - start < 1.0
+    assert (
+        f"volume '{path}' (16x16x16 voxels) would be 376x376x376 at spacing [1.0, 1.0, 1.0] mm: 53,157,376 voxels, "
+        f"more than max_voxels (50,000,000). Use a coarser spacing, or raise max_voxels" in _text(info.value)
+    )
+    # within the limit, or without one, the same file goes through
+    small = Compose(data.preprocessing(1, [8.0, 8.0, 8.0], "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4), max_voxels=200_000))
+    assert small({"image": str(path)})["image"].shape[1:] == (48, 48, 48)

@@ -5,7 +5,12 @@ diffusion training on the latents (configs/train_diffusion.yaml) and sampling
 from __future__ import annotations
 
 import csv
+import errno
 import math
+import os
+import re
+import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -109,17 +114,27 @@ def error_text(error):
 # reconstruction of a folder through the CLI: good files among bad ones, run twice
 
 
+def write_mni_int16(path, array, affine):
+    """``array`` stored as int16 with an MNI-space sform (code 4) and a scanner qform (code 1)."""
+    image = nib.Nifti1Image(np.rint(array).astype(np.int16), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=4)
+    nib.save(image, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def recon_runs(tmp_path_factory, trained_autoencoder):
     tmp = tmp_path_factory.mktemp("reconstruction")
     inputs = tmp / "in"
     good = {
-        # a shifted origin; and a flipped x axis (LAS) with anisotropic voxels, stored uncompressed
+        # a shifted origin; and a flipped x axis (LAS) with anisotropic voxels, stored uncompressed as
+        # int16 in MNI space (sform code 4)
         "good_a": write_volume(inputs / "good_a.nii.gz", marked_phantom((44, 40, 36), (2.0, 2.0, 2.0), seed=11)),
-        "good_b": write_volume(
+        "good_b": write_mni_int16(
             inputs / "good_b.nii",
             marked_phantom((30, 34, 26), (1.8, 1.8, 2.2), seed=12),
-            affine=affine_for((30, 34, 26), (1.8, 1.8, 2.2), (5.0, 1.0, -2.0)) @ np.diag([-1.0, 1, 1, 1]),
+            affine_for((30, 34, 26), (1.8, 1.8, 2.2), (5.0, 1.0, -2.0)) @ np.diag([-1.0, 1, 1, 1]),
         ),
     }
     bad = {
@@ -129,6 +144,9 @@ def recon_runs(tmp_path_factory, trained_autoencoder):
             inputs / "two_channel.nii.gz", np.stack([phantom(seed=14), phantom(seed=15)], axis=-1)
         ),
         "nan": None,
+        "constant": write_volume(inputs / "constant.nii.gz", np.zeros((30, 30, 30), np.float32)),
+        # 16^3 voxels of 25 mm: 95^3 once resampled to 4 mm, past the run's max_voxels
+        "too_large": write_volume(inputs / "too_large.nii.gz", phantom((16, 16, 16), (25.0,) * 3, seed=17), spacing=(25.0,) * 3),
     }
     bad["corrupt"].write_bytes(b"\x1f\x8b but then nothing sensible" * 30)
     with_nan = phantom(seed=16)
@@ -138,27 +156,36 @@ def recon_runs(tmp_path_factory, trained_autoencoder):
 
     out = tmp / "out"
     ckpt = trained_autoencoder["ckpt"]
-    first = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="nifti"))
+    limit = dict(max_voxels=200_000)
+    first = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="nifti", **limit))
     after_first = snapshot(out)
-    second = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="pt"))
+    second = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="pt", output_dtype="float32", **limit))
     return dict(
         inputs=inputs, out=out, good=good, bad=bad, before=before, first=first, second=second, after_first=after_first
     )
 
 
 def test_reconstruction_exit_status_and_log(recon_runs):
-    for result in (recon_runs["first"], recon_runs["second"]):
+    for result, csv_name in ((recon_runs["first"], "reconstruction_metrics.csv"), (recon_runs["second"], "reconstruction_metrics_1.csv")):
         assert result.returncode == 1, result.stdout[-4000:]
         log = result.stdout
         for path in recon_runs["bad"].values():
             assert f"{path}: " in log, f"{path.name} is not named in the log"
-        assert "2 of 6 done" in log and "4 of 6 failed" in log
+        # a line per file: its place in the run, the file, and for a good one its size and time
+        inputs = sorted(recon_runs["inputs"].iterdir())
+        for index, path in enumerate(inputs, start=1):
+            assert f"[{index}/8] {path}: " in log, f"no progress line for {path.name}"
+        for path in recon_runs["good"].values():
+            assert re.search(rf"\] {re.escape(str(path))}: \d+x\d+x\d+ voxels after preprocessing, PSNR [\d.]+ dB, [\d.]+ s", log)
+        # and a summary: how many, where the table and the outputs are
+        assert f"2 of 8 done, 6 failed; results in {recon_runs['out'] / csv_name}, outputs in {recon_runs['out']}" in log
+        assert "6 of 8 failed" in log
 
 
 def test_reconstruction_csv(recon_runs):
     rows = read_csv(recon_runs["out"] / "reconstruction_metrics.csv")
     by_file = {row["file"]: row for row in rows}
-    assert len(rows) == 6 and len(by_file) == 6, "one row per input file"
+    assert len(rows) == 8 and len(by_file) == 8, "one row per input file"
     for name, path in recon_runs["good"].items():
         row = by_file[str(path)]
         assert row["status"] == "ok" and row["error"] == ""
@@ -166,19 +193,46 @@ def test_reconstruction_csv(recon_runs):
         # the bundle's measure, over the body: the tiny autoencoder reaches 11.3 and 13.6 dB here
         assert 10 < psnr < 60, f"{name}: PSNR {psnr}"
         assert 0 < ssim <= 1 and 0 < seconds < 60
+        assert row["shape"] == "x".join(map(str, preprocessed_shape(path)))
         assert row["output"].endswith(f"{name}_recon.nii.gz") and row["latent"].endswith(f"{name}_latent.nii.gz")
     expected_errors = {
         "corrupt": "not a readable NIfTI file",
         "slice": "expected a 3D volume",
         "two_channel": "has 2 channels",
         "nan": "contains NaN or infinite values",
+        "constant": "is constant (every voxel is 0); expected an image with contrast",
+        "too_large": "(16x16x16 voxels) would be 95x95x95 at spacing [4.0, 4.0, 4.0] mm: 857,375 voxels, more than max_voxels (200,000)",
     }
     for name, path in recon_runs["bad"].items():
         row = by_file[str(path)]
         assert row["status"] == "failed" and expected_errors[name] in row["error"], row
+        assert f"volume '{path}'" in row["error"], row
         assert row["output"] == "" and row["psnr"] == ""
     produced = sorted(p.name for p in recon_runs["out"].iterdir())
     assert not any(name.startswith(tuple(recon_runs["bad"])) for name in produced), produced
+
+
+def test_reconstruction_keeps_the_input_header_codes_and_data_type(recon_runs):
+    """An MNI input (sform code 4) stays MNI; an int16 input gives int16 (rounded, clipped), unless
+    output_dtype is float32 (the second run); a float32 input keeps nibabel's codes it was saved with."""
+    out = recon_runs["out"]
+    for name, path in recon_runs["good"].items():
+        original = nib.load(path)
+        recon, again = nib.load(out / f"{name}_recon.nii.gz"), nib.load(out / f"{name}_recon_1.nii.gz")
+        for image in (recon, again):
+            for code in ("qform_code", "sform_code"):
+                assert int(image.header[code]) == int(original.header[code]), (name, code)
+            assert image.header.get_xyzt_units() == original.header.get_xyzt_units()
+        assert recon.get_data_dtype() == original.get_data_dtype()
+        assert again.get_data_dtype() == np.float32
+        latent = nib.load(out / f"{name}_latent.nii.gz")
+        assert int(latent.header["sform_code"]) == int(original.header["sform_code"]) and latent.get_data_dtype() == np.float32
+    mni = nib.load(out / "good_b_recon.nii.gz")
+    assert (int(mni.header["qform_code"]), int(mni.header["sform_code"])) == (1, 4) and mni.get_data_dtype() == np.int16
+    values = np.asarray(mni.dataobj)
+    as_float = nib.load(out / "good_b_recon_1.nii.gz").get_fdata()
+    np.testing.assert_array_equal(values, np.clip(np.rint(as_float), -32768, 32767))
+    assert mni.header.get_slope_inter() == (None, None)  # plain int16, no scale factor
 
 
 def test_reconstruction_keeps_the_input_geometry_and_units(recon_runs, trained_autoencoder):
@@ -249,6 +303,8 @@ def test_rerun_never_overwrites_and_never_touches_inputs(recon_runs):
         assert second_rows[str(path)]["output"].endswith(f"{name}_recon_1.nii.gz")
         first = nib.load(out / f"{name}_recon.nii.gz").get_fdata()
         again = nib.load(out / f"{name}_recon_1.nii.gz").get_fdata()
+        if nib.load(path).get_data_dtype() == np.int16:  # the first run wrote int16, the second float32
+            again = np.rint(again)
         np.testing.assert_allclose(again, first, atol=1e-5)  # deterministic
     assert not list(out.glob(".*")), "temporary files left behind"
 
@@ -270,6 +326,103 @@ def test_checkpoint_of_other_factors(tmp_path, tiny_dataset):
     text = error_text(info.value)
     assert f"autoencoder_ckpt '{ckpt}' was trained with downsample_factors=[4, 2]" in text
     assert "the config has downsample_factors=[2, 2]" in text
+
+
+def test_concurrent_runs_into_one_output_dir_keep_every_output(tmp_path, trained_autoencoder):
+    """Two reconstructions into one output_dir at once, of inputs with the same names: each run keeps
+    its own table with all its rows, and every reconstruction is its own input's."""
+    runs = {}
+    for name, seed in (("first", 31), ("second", 32)):
+        folder = tmp_path / name
+        write_volume(folder / "head.nii.gz", marked_phantom((36, 32, 28), (2.0, 2.0, 2.0), seed=seed))
+        write_volume(folder / f"{name}_only.nii.gz", phantom((32, 32, 28), seed=seed + 10))
+        runs[name] = folder
+    out = tmp_path / "out"
+    barrier, errors = threading.Barrier(2), []
+
+    def reconstruct(folder):
+        try:
+            workflow = make_workflow(RECON_CONFIG, **recon_overrides(folder, out, trained_autoencoder["ckpt"]))
+            workflow.initialize()
+            barrier.wait()  # both runs claim their names and write at the same time
+            workflow.run()
+            workflow.finalize()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reconstruct, args=(folder,)) for folder in runs.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    tables = [read_csv(out / "reconstruction_metrics.csv"), read_csv(out / "reconstruction_metrics_1.csv")]
+    assert sorted(len(rows) for rows in tables) == [2, 2] and all(r["status"] == "ok" for rows in tables for r in rows)
+    inputs_seen = sorted(r["file"] for rows in tables for r in rows)
+    assert inputs_seen == sorted(str(p) for folder in runs.values() for p in folder.iterdir())
+    outputs = [r["output"] for rows in tables for r in rows]
+    assert len(set(outputs)) == 4 and {"head_recon.nii.gz", "head_recon_1.nii.gz"} <= {Path(o).name for o in outputs}
+    for row in (r for rows in tables for r in rows):  # each output is the reconstruction of its own input
+        recon = nib.load(row["output"]).get_fdata().ravel()
+        own = np.asarray(nib.load(row["file"]).dataobj, dtype=np.float64).ravel()
+        if "head" in row["file"]:
+            other = next(str(f / "head.nii.gz") for f in runs.values() if str(f / "head.nii.gz") != row["file"])
+            other_corr = np.corrcoef(recon, np.asarray(nib.load(other).dataobj, dtype=np.float64).ravel())[0, 1]
+            assert np.corrcoef(recon, own)[0, 1] > other_corr
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_volume(tmp_path, tiny_dataset, trained_autoencoder):
+    target = tmp_path / "results"
+    target.write_text("a user's file")
+    workflow = make_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, target, trained_autoencoder["ckpt"]))
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert f"output_dir '{target}' is a file; expected a folder" in error_text(info.value)
+    assert target.read_text() == "a user's file"
+
+
+def test_read_only_output_dir_is_refused_before_any_volume(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch):
+    out = tmp_path / "read_only"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes through a 0555 folder; a read-only file system refuses even root
+        import tempfile
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    out.chmod(0o555)
+    try:
+        workflow = make_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, out, trained_autoencoder["ckpt"]))
+        workflow.initialize()
+        with pytest.raises(Exception) as info:
+            workflow.run()
+        assert f"output_dir '{out}' cannot be written to (Read-only file system)" in error_text(info.value) or (
+            os.geteuid() != 0 and f"output_dir '{out}' cannot be written to (Permission denied)" in error_text(info.value)
+        )
+    finally:
+        out.chmod(0o755)
+    assert list(out.iterdir()) == []
+
+
+def test_two_channel_reconstruction_writes_every_channel(tmp_path):
+    """in_channels 2: the reconstruction has both channels, stored channels last like the input."""
+    volume = np.stack([marked_phantom((28, 24, 20), (2.0,) * 3, seed=41), phantom((28, 24, 20), seed=42)[::-1]], axis=-1)
+    path = write_volume(tmp_path / "in" / "two.nii.gz", volume)
+    args = dict(SMALL_RF_NET, in_channels=2, out_channels=2, channels=[8, 8], attention_levels=[False, False], use_checkpoint=False, norm="channel")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "two_channel.pt"
+    save_atomic({"autoencoder": FactorAutoencoderKL(**args).state_dict(), "autoencoder_args": args}, ckpt)
+    network_keys = dict(in_channels=2, channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2])
+    run_workflow(RECON_CONFIG, **recon_overrides(tmp_path / "in", tmp_path / "out", ckpt, **network_keys, spacing=None))
+    (row,) = read_csv(tmp_path / "out" / "reconstruction_metrics.csv")
+    assert row["status"] == "ok", row
+    recon = nib.load(tmp_path / "out" / "two_recon.nii.gz").get_fdata()
+    assert recon.shape == (28, 24, 20, 2)
+    assert recon[..., 0].std() > 0 and recon[..., 1].std() > 0
+    assert not np.allclose(recon[..., 0], recon[..., 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +500,21 @@ def test_tiles_partition_the_axis(size, roi, margin):
         assert start + roi - c1 >= margin or c1 == size
         if following is not None:
             assert following[1] == c1  # no gap, no overlap
+
+
+@pytest.mark.parametrize("multiple", [2, 4, 8])
+def test_tiled_inferer_windows_start_on_the_latent_grid(multiple):
+    """Every window starts at a multiple of the total factor, whatever the margin asked for, so no
+    window shifts the latent grid (a sliding window's overlap could)."""
+    for roi in range(4 * multiple, 12 * multiple + 1, multiple):
+        for margin in range(0, roi // 2):
+            try:
+                inferer = TiledInferer((roi,) * 3, margin=margin, multiple=multiple)
+            except ValueError:
+                continue  # margin rounded up leaves no centre: refused
+            for size in range(multiple, 20 * multiple + 1, multiple):  # inputs are padded to the factor
+                starts = [start for start, _, _ in _tiles(size, roi, inferer.margins[0])]
+                assert all(start % multiple == 0 for start in starts), (roi, margin, size, starts)
 
 
 def test_tiled_inferer_equals_whole_volume_encoding():
@@ -639,3 +807,16 @@ def test_generation_refuses_image_size_off_the_factor(tmp_path, trained_autoenco
         workflow.initialize()
     assert "image_size [16, 16, 18] is not divisible by [4, 4, 4]" in error_text(info.value)
     assert not list(tmp_path.glob("sample_*"))
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_generation_refuses_no_inference_steps(tmp_path, trained_autoencoder, trained_diffusion, steps):
+    """DDIM with no step would write the decoded noise as a sample: refused before anything is written."""
+    workflow = make_workflow(
+        GENERATE_CONFIG, **generate_overrides(tmp_path / "out", trained_autoencoder, trained_diffusion["ckpt"], num_inference_steps=steps)
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as info:
+        workflow.run()
+    assert f"num_inference_steps is {steps}; it must be at least 1" in error_text(info.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
