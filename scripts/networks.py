@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from einops import rearrange, reduce, repeat
 from monai.networks.blocks import Convolution, SpatialAttentionBlock, Upsample
 from monai.networks.nets import AutoencoderKL
 from monai.networks.nets.autoencoderkl import AEKLResBlock, AsymmetricPad
@@ -121,28 +122,24 @@ class FactorDownsample(nn.Module):
         return self.conv(self.pad(x))
 
 
+def _cell_patterns(n: int, pool: bool = False) -> tuple[str, str, list[str], list[str]]:
+    """einops patterns of ``n`` spatial axes: the full-resolution side (each axis split into coarse
+    ``s``, packed ``k`` and, with ``pool``, averaged ``p`` positions) and the packed side, where the
+    ``k`` positions become channels in the order ``(c k0 k1 ...)``."""
+    s, k, p = ([f"{name}{i}" for i in range(n)] for name in "skp")
+    full = " ".join(f"({a} {b}{' ' + c if pool else ''})" for a, b, c in zip(s, k, p))
+    packed = f"b (c {' '.join(k)}) {' '.join(s)}"
+    return f"b c {full}", packed, k, p
+
+
 def _space_to_depth(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
-    b, c, *spatial = x.shape
-    split: list[int] = []
-    for size, f in zip(spatial, factor):
-        split += [size // f, f]
-    x = x.reshape(b, c, *split)
-    n = len(spatial)
-    coarse = [2 + 2 * i for i in range(n)]
-    fine = [3 + 2 * i for i in range(n)]
-    x = x.permute(0, 1, *fine, *coarse)
-    return x.reshape(b, c * math.prod(factor), *(s // f for s, f in zip(spatial, factor)))
+    full, packed, k, _ = _cell_patterns(len(factor))
+    return rearrange(x, f"{full} -> {packed}", **dict(zip(k, factor)))
 
 
 def _depth_to_space(x: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
-    b, c, *spatial = x.shape
-    n = len(spatial)
-    x = x.reshape(b, c // math.prod(factor), *factor, *spatial)
-    order: list[int] = []
-    for i in range(n):
-        order += [2 + n + i, 2 + i]
-    x = x.permute(0, 1, *order)
-    return x.reshape(b, c // math.prod(factor), *(s * f for s, f in zip(spatial, factor)))
+    full, packed, k, _ = _cell_patterns(len(factor))
+    return rearrange(x, f"{packed} -> {full}", **dict(zip(k, factor)))
 
 
 class SpaceToDepth(nn.Module):
@@ -187,9 +184,6 @@ def shortcut_factors(total: Sequence[int], in_channels: int, latent_channels: in
             f"choose such latent_channels, or shortcut=False."
         )
     return best[1], best[2]
-
-
-_AVG_POOL = {1: nn.functional.avg_pool1d, 2: nn.functional.avg_pool2d, 3: nn.functional.avg_pool3d}
 
 
 def _divisors(n: int) -> list[int]:
@@ -520,8 +514,10 @@ class FactorAutoencoderKL(AutoencoderKL):
         norm: str = "group",
         shortcut: bool = False,
     ) -> None:
-        # MONAI's __init__ hard-codes its Encoder/Decoder; we build the same submodules (same names,
-        # so state dicts are interchangeable) with the factor-aware ones, validating everything first.
+        # MONAI's __init__ hard-codes its Encoder/Decoder (factor 2): calling it would build and then
+        # discard two networks. We build the same submodules (same names, so state dicts are
+        # interchangeable) with the factor-aware ones, validating everything first. What MONAI's methods
+        # and blocks expect of us is pinned by tests/test_networks.py::test_monai_internals_we_build_on.
         nn.Module.__init__(self)
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}.")
@@ -632,17 +628,17 @@ class FactorAutoencoderKL(AutoencoderKL):
             self._check_divisible(tuple(x.shape[2:]))
         z_mu, z_sigma = super().encode(x)
         if self.shortcut:
-            pool = _AVG_POOL[self.spatial_dims]
-            z_mu = z_mu + _space_to_depth(pool(x, self.shortcut_pool, self.shortcut_pool), self.shortcut_keep).to(z_mu.dtype)
+            full, packed, k, p = _cell_patterns(self.spatial_dims, pool=True)
+            sizes = dict(zip(k, self.shortcut_keep)) | dict(zip(p, self.shortcut_pool))
+            z_mu = z_mu + reduce(x, f"{full} -> {packed}", "mean", **sizes).to(z_mu.dtype)
         return z_mu, z_sigma
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dec = super().decode(z)
         if self.shortcut:
-            up = _depth_to_space(z, self.shortcut_keep)
-            for axis, f in enumerate(self.shortcut_pool):
-                up = up.repeat_interleave(f, dim=2 + axis) if f > 1 else up
-            dec = dec + up.to(dec.dtype)
+            full, packed, k, p = _cell_patterns(self.spatial_dims, pool=True)
+            sizes = dict(zip(k, self.shortcut_keep)) | dict(zip(p, self.shortcut_pool))
+            dec = dec + repeat(z, f"{packed} -> {full}", **sizes).to(dec.dtype)
         return dec
 
 

@@ -703,3 +703,24 @@ def test_shortcut_is_recorded_and_refused_on_mismatch():
     with pytest.raises(ValueError, match="shortcut True.*shortcut False"):
         without.load_state_dict(with_shortcut.state_dict())
     without.load_state_dict(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16).state_dict())
+
+
+def test_monai_internals_we_build_on():
+    """FactorAutoencoderKL builds MONAI's submodules itself and reuses MONAI's private blocks: a MONAI
+    upgrade that changes them must fail here, by name, rather than in a user's checkpoint."""
+    import inspect
+    import re
+
+    from monai.networks.nets.autoencoderkl import AEKLResBlock, AsymmetricPad
+
+    assert list(inspect.signature(AEKLResBlock).parameters) == [
+        "spatial_dims", "in_channels", "norm_num_groups", "norm_eps", "out_channels"
+    ]
+    assert list(inspect.signature(AsymmetricPad).parameters) == ["spatial_dims"]
+    block = AEKLResBlock(3, 8, 8, 1e-6, 16)
+    assert {"norm1", "norm2", "conv1", "conv2", "nin_shortcut"} <= dict(block.named_children()).keys()
+    ours = make_ae(3, [2, 2], "space_to_depth", norm="channel")
+    for name in ("encode", "sampling", "decode", "reconstruct", "forward", "encode_stage_2_inputs", "decode_stage_2_outputs"):
+        used = set(re.findall(r"self\.(\w+)", inspect.getsource(getattr(AutoencoderKL, name))))
+        missing = sorted(a for a in used if not hasattr(ours, a))
+        assert not missing, f"MONAI's AutoencoderKL.{name} uses {missing}, which FactorAutoencoderKL does not set"

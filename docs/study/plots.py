@@ -27,12 +27,16 @@ def load(stage: int, run: str, label: str | None = None, after: list[dict] | Non
 def main() -> None:
     stage1 = [r for run in dict.fromkeys(r["run"] for r in csv.DictReader(open(HERE / "stage1_curves.csv"))) for r in load(1, run)]
     plot(stage1, DOCS / "quality_study.png", "Recipe at equal budget: 4x, 2 x 128x128x64 patches, lr 2e-4, bf16, three runs per H100 (2026-11-27)")
-    four = load(1, "latent16", "4x, 16 latent channels")
-    four += load(2, "s2_4x_l16", "4x, 16 latent channels", four)
-    four += load(4, "s4_4x_l16", "4x, 16 latent channels", four)
-    shipped = four + load(2, "s2_8x_l32", "8x, 32 latent channels") + load(2, "s2_16x_l64", "16x, 64 latent channels")
+    shortcut = load(5, "s5_4x_base", "4x, no shortcut") + load(5, "s5_4x_lv8", "4x, no shortcut, initial_log_var -8")
+    shortcut += load(6, "s6_4x_sc", "4x, shortcut") + load(6, "s6_4x_sc_lr5e-4", "4x, shortcut, lr 5e-4")
+    shortcut += load(6, "s6_4x_sc_strided", "4x, shortcut, strided layout")
+    shortcut += load(5, "s5_8x_lv8", "8x, no shortcut") + load(6, "s6_8x_sc", "8x, shortcut")
+    shortcut += load(5, "s5_16x_lv8", "16x, no shortcut") + load(6, "s6_16x_sc", "16x, shortcut")
+    plot(shortcut, DOCS / "quality_shortcut.png", "The latent shortcut, from scratch: two runs per H100, 380 s each (2026-11-27)")
+    four = load(6, "s6_4x_sc_lr5e-4", "4x, 16 latent channels")
+    four += load(7, "s7_4x_const", "4x, 16 latent channels", four)
+    shipped = four + load(6, "s6_8x_sc", "8x, 32 latent channels") + load(6, "s6_16x_sc", "16x, 64 latent channels")
     plot(shipped, DOCS / "quality_training.png", "Shipped weights: validation PSNR through the training stages (H100, 2026-11-27)")
-
 
 if __name__ == "__main__":
     main()
