@@ -1,7 +1,9 @@
 """Pack the bundle into a model-zoo style zip, and keep ``large_files.yml`` in step with ``models/``.
 
     python -m scripts.pack --output_dir dist
-        writes dist/ldm3d_downsample_factors_v<version>.zip (version from configs/metadata.json)
+        writes dist/ldm3d_downsample_factors_v<version>.zip (version from configs/metadata.json) and,
+        beside it, its sha256 in ``sha256sum`` format (<zip>.sha256): publish both with the release,
+        since ``python -m scripts.download`` unpacks only a zip with the published sha256
     python -m scripts.pack --output_dir dist --weights_url http://mirror/weights
         the same, with each url of the packed large_files.yml set to BASE/<filename>
     python -m scripts.pack --update_hashes
@@ -236,7 +238,7 @@ def pack(
     allow_unhashed: bool = False,
     name: str = BUNDLE_NAME,
 ) -> Path:
-    """Write ``<output_dir>/<name>_v<version>.zip`` and return its path.
+    """Write ``<output_dir>/<name>_v<version>.zip`` and its ``.sha256`` beside it; return the zip's path.
 
     With ``weights_url``, each url of the packed ``large_files.yml`` becomes ``weights_url/<filename>``.
     """
@@ -266,11 +268,20 @@ def pack(
                 else:
                     zf.writestr(_zip_info(arcname, FILE_MODE), data, compresslevel=9)
         os.chmod(tmp, 0o644)
+        digest = file_hash(tmp)
+        sha_file = sha256_path(target)
+        sha_file.unlink(missing_ok=True)  # never a stale hash beside a new zip
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _write_atomic(sha_file, f"{digest}  {target.name}\n".encode())
     return target
+
+
+def sha256_path(zip_path: str | Path) -> Path:
+    """Where the sha256 of a packed zip is published: ``<zip>.sha256``, in ``sha256sum`` format."""
+    return Path(f"{zip_path}.sha256")
 
 
 def _mkdir(path: Path) -> Path:
@@ -302,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{target}  sha256 {file_hash(target)}")
+    print(f"{target}  sha256 {file_hash(target)}  (also in {sha256_path(target)}; publish it with the zip)")
     return 0
 
 
