@@ -550,7 +550,7 @@ def test_zip_readme_runs_only_what_the_zip_holds(bundle, tmp_path):
     assert "download_large_files" in commands and "pytest" not in commands and "requirements-dev" not in commands
     named = re.findall(r"(?:-r|--config_file)\s+(\S+)", commands)
     assert "requirements.txt" in named and all(n in files for n in named), named
-    assert "the tests and `requirements-dev.txt` are in the repository only" in section
+    assert "the tests and `requirements-dev.txt` are in the repository only" in " ".join(section.split())
     # the fresh-machine commands, which do need them, say that they run in a clone
     assert "In a clone of this repository" in readme.split("## Two commands for a fresh machine", 1)[1]
 
