@@ -1,6 +1,6 @@
 """Memory and speed of the factor-aware autoencoder, measured the way the bundle trains and infers.
 
-    python -m scripts.benchmark --output docs/benchmark.json          # on a CUDA GPU: the full run
+    python -m scripts.benchmark --output runs/benchmark.json          # on a CUDA GPU: the full run
     python -m scripts.benchmark --smoke                                # tiny, on CPU: that it runs
 
 It measures, in one process: one full autoencoder training step as ``AutoencoderKLTrainer`` runs it
@@ -33,7 +33,7 @@ from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 # the reference network: channels (32, 64, 64), latent 3, one residual block per level, no attention
-SEED_NETWORK = dict(
+REFERENCE_NETWORK = dict(
     spatial_dims=3,
     in_channels=1,
     out_channels=1,
@@ -84,11 +84,12 @@ def autoencoder_step(
     amp_dtype: torch.dtype | None,
     device: torch.device,
     compile: bool = False,
+    discriminator_channels: int = 32,
 ) -> Callable[[], Any]:
     """One training step of the bundle's trainer, adversarial loss on, perceptual loss off."""
     network = network.to(device)
     discriminator = PatchDiscriminator(
-        spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1, norm="INSTANCE"
+        spatial_dims=3, num_layers_d=3, channels=discriminator_channels, in_channels=1, out_channels=1, norm="INSTANCE"
     ).to(device)
     if compile:
         network, discriminator = torch.compile(network), torch.compile(discriminator)
@@ -182,25 +183,27 @@ def run(args: argparse.Namespace) -> dict:
         table.append(row)
         print(json.dumps(row), flush=True)
 
+    network, d_channels = args.network, args.discriminator_channels
+
     def make_ae(factors: list | None, layout: str) -> torch.nn.Module:
         torch.manual_seed(0)
-        return FactorAutoencoderKL(**SEED_NETWORK, downsample_factors=factors, layout=layout)
+        return FactorAutoencoderKL(**network, downsample_factors=factors, layout=layout)
 
     ae = results["autoencoder"]
     if not args.no_stock:
-        record(ae, "stock 4x eager", lambda: autoencoder_step(AutoencoderKL(**SEED_NETWORK), size, batch, amp_dtype, device))
+        record(ae, "stock 4x eager", lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, False, d_channels))
         if not args.no_compile:
-            record(ae, "stock 4x compiled", lambda: autoencoder_step(AutoencoderKL(**SEED_NETWORK), size, batch, amp_dtype, device, True))
+            record(ae, "stock 4x compiled", lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, True, d_channels))
     for layout in args.layouts:
         for factors in args.factors:
             latent = [s // f for s, f in zip(size, total_factor(tuple((f,) * 3 for f in factors)))]
             record(
                 ae,
                 f"{layout} {factors}",
-                lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device),
+                lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device, False, d_channels),
                 layout=layout,
                 factors=factors,
-                latent_shape=[SEED_NETWORK["latent_channels"], *latent],
+                latent_shape=[network["latent_channels"], *latent],
             )
     stock = {r["name"]: r for r in ae if r["name"].startswith("stock")}
     for row in ae:
@@ -212,8 +215,8 @@ def run(args: argparse.Namespace) -> dict:
 
     diffusion_args = dict(
         spatial_dims=3,
-        in_channels=SEED_NETWORK["latent_channels"],
-        out_channels=SEED_NETWORK["latent_channels"],
+        in_channels=network["latent_channels"],
+        out_channels=network["latent_channels"],
         channels=tuple(args.diffusion_channels),
         attention_levels=(False, True, True)[: len(args.diffusion_channels)],
         num_res_blocks=1,
@@ -222,14 +225,14 @@ def run(args: argparse.Namespace) -> dict:
         use_flash_attention=True,
     )
     for total in args.diffusion_factors:
-        latent = [SEED_NETWORK["latent_channels"], *(s // total for s in size)]
+        latent = [network["latent_channels"], *(s // total for s in size)]
         record(results["diffusion"], f"UNet on {total}x latents", lambda: diffusion_step(latent, batch, amp_dtype, device, diffusion_args), total_factor=total, latent_shape=latent)
     base = results["diffusion"][0] if results["diffusion"] else None
     for row in results["diffusion"]:
         row["memory_vs_4x"], row["time_vs_4x"] = _ratio(row["peak_bytes"], base["peak_bytes"]), _ratio(row["seconds"], base["seconds"])
 
     for layout, factors in args.reconstruction:
-        overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin}
+        overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin, **args.recon_network}
         record(results["reconstruction"], f"{layout} {factors} {'x'.join(map(str, args.recon_size))}", lambda: reconstruction(args.recon_size, overrides, device), roi_size=list(args.roi_size), sw_margin=args.sw_margin)
     return results
 
@@ -275,13 +278,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, two steps: checks that it runs (CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny networks and sizes, one step each: checks that it runs (CPU)")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.size, args.recon_size, args.roi_size, args.sw_margin = [64, 64, 32], [48, 48, 48], [32, 32, 32], 8
-        args.warmup, args.steps, args.no_compile = 1, 2, True
+    # the networks: the reference autoencoder and discriminator, and the inference config's own network
+    args.network, args.discriminator_channels, args.recon_network = dict(REFERENCE_NETWORK), 32, {}
+    if args.smoke:  # every network tiny too: the smoke run checks the code paths in seconds, not sizes
+        args.size, args.recon_size, args.roi_size, args.sw_margin = [32, 32, 32], [32, 32, 24], [16, 16, 16], 4
+        args.warmup, args.steps, args.no_compile = 0, 1, True
         args.factors, args.diffusion_factors, args.diffusion_channels = [[2, 2], [4, 2]], [4, 8], [32, 32]
         args.reconstruction = [["space_to_depth", [2, 2]]]
+        args.network.update(channels=(8, 16, 16), norm_num_groups=8)
+        args.discriminator_channels = 8
+        args.recon_network = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 3}
     results = run(args)
     print_table(results)
     if args.output is not None:

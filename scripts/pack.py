@@ -1,7 +1,9 @@
 """Pack the bundle into a model-zoo style zip, and keep ``large_files.yml`` in step with ``models/``.
 
     python -m scripts.pack --output_dir dist
-        writes dist/ldm3d_downsample_factors_v<version>.zip (version from configs/metadata.json)
+        writes dist/ldm3d_downsample_factors_v<version>.zip (version from configs/metadata.json) and,
+        beside it, its sha256 in ``sha256sum`` format (<zip>.sha256): publish both with the release,
+        since ``python -m scripts.download`` unpacks only a zip with the published sha256
     python -m scripts.pack --output_dir dist --weights_url http://mirror/weights
         the same, with each url of the packed large_files.yml set to BASE/<filename>
     python -m scripts.pack --update_hashes
@@ -223,7 +225,7 @@ def pack(
     allow_unhashed: bool = False,
     name: str = BUNDLE_NAME,
 ) -> Path:
-    """Write ``<output_dir>/<name>_v<version>.zip`` and return its path.
+    """Write ``<output_dir>/<name>_v<version>.zip`` and its ``.sha256`` beside it; return the zip's path.
 
     With ``weights_url``, each url of the packed ``large_files.yml`` becomes ``weights_url/<filename>``.
     """
@@ -243,13 +245,23 @@ def pack(
     dirs = {f"{name}/"} | {f"{name}/{'/'.join(n.split('/')[:i])}/" for n in files for i in range(1, n.count("/") + 1)}
     entries = sorted([(d, None) for d in dirs] + [(f"{name}/{n}", contents[n]) for n in files])
     target = Path(output_dir) / f"{name}_v{version}.zip"
-    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w") as zf:
-        for arcname, data in entries:
-            if data is None:
-                zf.writestr(_zip_info(arcname, DIR_MODE), b"")
-            else:
-                zf.writestr(_zip_info(arcname, FILE_MODE), data, compresslevel=9)
+    sha_file = sha256_path(target)
+    sha_file.unlink(missing_ok=True)  # never a stale hash beside a new zip
+    with atomic_path(target) as tmp:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for arcname, data in entries:
+                if data is None:
+                    zf.writestr(_zip_info(arcname, DIR_MODE), b"")
+                else:
+                    zf.writestr(_zip_info(arcname, FILE_MODE), data, compresslevel=9)
+        digest = file_hash(tmp)
+    write_atomic(sha_file, f"{digest}  {target.name}\n")
     return target
+
+
+def sha256_path(zip_path: str | Path) -> Path:
+    """Where the sha256 of a packed zip is published: ``<zip>.sha256``, in ``sha256sum`` format."""
+    return Path(f"{zip_path}.sha256")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{target}  sha256 {file_hash(target)}")
+    print(f"{target}  sha256 {file_hash(target)}  (also in {sha256_path(target)}; publish it with the zip)")
     return 0
 
 

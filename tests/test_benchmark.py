@@ -18,7 +18,7 @@ def test_smoke_run_reports_every_measurement(tmp_path, capsys):
         assert row["seconds"] > 0 and row["peak_bytes"] is None  # no CUDA memory on a CPU
         assert row["time_vs_stock_eager"] > 0
     by_name = {row["name"]: row for row in results["autoencoder"]}
-    assert by_name["space_to_depth [4, 2]"]["latent_shape"] == [3, 8, 8, 4]  # 64x64x32 over 8
+    assert by_name["space_to_depth [4, 2]"]["latent_shape"] == [3, 4, 4, 4]  # 32^3 over 8
     assert by_name["space_to_depth [2, 2]"]["time_vs_own_4x"] == 1.0
     assert [row["total_factor"] for row in results["diffusion"]] == [4, 8]
     assert results["reconstruction"] and results["reconstruction"][0]["seconds"] > 0

@@ -19,8 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-
-import torch
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -30,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.apps.utils import HashCheckError
+from monai.bundle import ConfigParser, ConfigWorkflow, download_large_files, verify_metadata, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,6 @@ from scripts import pack  # noqa: E402
 from scripts.checkpoints import load_network  # noqa: E402
 
 NAME = pack.BUNDLE_NAME
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 META = REPO / "configs" / "metadata.json"
 WEIGHTS = (
     "models/model_autoencoder.pt",
@@ -219,28 +217,38 @@ def load_meta() -> dict:
     return json.loads(META.read_text())
 
 
-def test_verify_metadata_cli():
-    pytest.importorskip("jsonschema", reason="verify_metadata needs jsonschema (requirements-dev.txt)")
-    if not SCHEMA.is_file():
-        pytest.skip(f"MONAI's metadata schema is not at {SCHEMA} (it lives in shared/, beside the repository).")
+@pytest.fixture(scope="module")
+def schema() -> Path:
+    """MONAI's metadata schema, offline: the file that META_SCHEMA_FILE names, or where the model
+    card's verify_metadata command downloads it (eval/); the tests that need it skip without it."""
+    pytest.importorskip("jsonschema", reason="verify_metadata needs jsonschema: pip install -r requirements-dev.txt")
+    name = load_meta()["schema"].rsplit("/", 1)[-1]
+    path = Path(os.environ.get("META_SCHEMA_FILE") or REPO / "eval" / name)
+    if not path.is_file():
+        pytest.skip(
+            f"MONAI's metadata schema is not at {path}. To run this check, download it once: `python -m monai.bundle "
+            f"verify_metadata --meta_file configs/metadata.json --filepath eval/{name}` (with internet access), "
+            f"or set META_SCHEMA_FILE=/path/to/{name} (docs/README.md, 'Sharing, verifying, exporting')."
+        )
+    return path
+
+
+def test_verify_metadata_cli(schema):
     check_ok(
         run_cli(
-            ["-m", "monai.bundle", "verify_metadata", "--meta_file", str(META), "--filepath", str(SCHEMA)], cwd=REPO
+            ["-m", "monai.bundle", "verify_metadata", "--meta_file", str(META), "--filepath", str(schema)], cwd=REPO
         )
     )
 
 
-def test_verify_metadata_rejects_a_broken_file(tmp_path):
+def test_verify_metadata_rejects_a_broken_file(schema, tmp_path):
     """The schema check is live: metadata without network_data_format fails."""
-    pytest.importorskip("jsonschema", reason="verify_metadata needs jsonschema (requirements-dev.txt)")
-    if not SCHEMA.is_file():
-        pytest.skip(f"MONAI's metadata schema is not at {SCHEMA} (it lives in shared/, beside the repository).")
     meta = load_meta()
     del meta["network_data_format"]
     broken = tmp_path / "metadata.json"
     broken.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="network_data_format"):
-        verify_metadata(meta_file=str(broken), filepath=str(SCHEMA))
+        verify_metadata(meta_file=str(broken), filepath=str(schema))
 
 
 def test_metadata_versions_match_requirements():
@@ -365,6 +373,25 @@ def test_verify_diffusion_unet():
     )
 
 
+def test_documented_outputs_are_ignored_by_git():
+    """What the README's and the model card's commands write (--filepath, --output_dir, --output)
+    lands in a folder that git ignores, never loose in the bundle's root."""
+    written = set()
+    for doc in ("README.md", "docs/README.md"):
+        for m in re.finditer(r"--(filepath|output_dir|output)\s+([^\s`\"']+)", (REPO / doc).read_text()):
+            if not re.fullmatch(r"[A-Z_]+", m.group(2)):  # OUT, DIR: the user's choice
+                written.add(m.group(2) + ("/file" if m.group(1) == "output_dir" else ""))
+    written = sorted(written)
+    assert "runs/export/autoencoder.ts" in written
+    try:
+        result = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *written], capture_output=True, text=True)
+    except OSError:
+        pytest.skip("git is not installed")
+    if result.returncode == 128:
+        pytest.skip(f"not a git work tree: {result.stderr.strip()}")
+    assert sorted(result.stdout.split()) == written, f"not ignored by .gitignore: {set(written) - set(result.stdout.split())}"
+
+
 def eager_reconstructor(ckpt: Path) -> torch.nn.Module:
     parser = parser_for(REPO / "configs" / "inference_autoencoder.yaml", **TINY_AE)
     net = parser.get_parsed_content("network_def")
@@ -373,8 +400,10 @@ def eager_reconstructor(ckpt: Path) -> torch.nn.Module:
 
 
 def test_ckpt_export_torchscript(bundle, tmp_path):
+    """The model card's export command, into runs/export/ as it documents."""
     ckpt = bundle / "models" / "model_autoencoder.pt"
-    target = tmp_path / "autoencoder.ts"
+    target = tmp_path / "runs" / "export" / "autoencoder.ts"
+    target.parent.mkdir(parents=True)  # mkdir -p runs/export, as documented: ckpt_export makes no folder
     check_ok(
         run_cli(
             ["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(target), "--ckpt_file", str(ckpt),
@@ -508,6 +537,24 @@ def test_pack_of_the_repository(tmp_path):
     assert all((REPO / f).is_file() for f in files)
 
 
+def test_zip_readme_runs_only_what_the_zip_holds(bundle, tmp_path):
+    """The packed README's section for users of the zip names only files that the zip holds, and
+    sends the tests (which it does not hold) to the repository."""
+    zip_path = pack.pack(bundle, tmp_path)
+    with zipfile.ZipFile(zip_path) as zf:
+        files = {n.removeprefix(f"{NAME}/") for n in zf.namelist()}
+        readme = zf.read(f"{NAME}/README.md").decode()
+    assert "requirements-dev.txt" not in files and not any(f.startswith("tests/") for f in files)
+    section = readme.split("## Using the packed zip", 1)[1].split("\n## ", 1)[0]
+    commands = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    assert "download_large_files" in commands and "pytest" not in commands and "requirements-dev" not in commands
+    named = re.findall(r"(?:-r|--config_file)\s+(\S+)", commands)
+    assert "requirements.txt" in named and all(n in files for n in named), named
+    assert "the tests and `requirements-dev.txt` are in the repository only" in " ".join(section.split())
+    # the fresh-machine commands, which do need them, say that they run in a clone
+    assert "In a clone of this repository" in readme.split("## Two commands for a fresh machine", 1)[1]
+
+
 def test_pack_refuses_unverifiable_weights(bundle, tmp_path):
     root = tmp_path / NAME
     shutil.copytree(bundle, root)
@@ -535,6 +582,9 @@ def test_pack_refuses_unverifiable_weights(bundle, tmp_path):
 
 
 def test_download_round_trip(served, bundle, tmp_path):
+    """The model card's verified download: download.py run alone (standard library only) checks the
+    zip's published sha256 and unpacks it, download_large_files fetches the weights by the packed
+    hashes, and the downloaded bundle reconstructs a scan with its own code, config and weights."""
     with zipfile.ZipFile(served["zip"]) as zf:
         packed = yaml.safe_load(zf.read(f"{NAME}/large_files.yml"))["large_files"]
     assert [e["url"] for e in packed] == [f"{served['base']}/{Path(w).name}" for w in WEIGHTS]
@@ -542,10 +592,12 @@ def test_download_round_trip(served, bundle, tmp_path):
     version = pack.bundle_version(bundle)  # the packed bundle's own large_files.yml keeps the canonical urls
     assert [e["url"] for e in pack.read_large_files(bundle)] == [pack.canonical_url(version, Path(w).name) for w in WEIGHTS]
 
+    published = pack.sha256_path(served["zip"]).read_text().split()[0]
+    shutil.copy(REPO / "scripts" / "download.py", tmp_path / "download.py")
     downloads = tmp_path / "downloads"
     check_ok(
         run_cli(
-            ["-m", "monai.bundle", "download", "--name", NAME, "--url", f"{served['base']}/{served['zip'].name}",
+            ["-I", "-S", "download.py", "--url", f"{served['base']}/{served['zip'].name}", "--sha256", published,
              "--bundle_dir", str(downloads)],
             cwd=tmp_path,
         )
@@ -588,9 +640,8 @@ def test_download_large_files_rejects_a_wrong_hash(served, bundle, tmp_path):
         "hash_type": "sha256",
     }
     (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
-    result = run_cli(["-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "hash check of downloaded file failed" in result.stdout
+    with pytest.raises(HashCheckError, match="hash check of downloaded file failed"):  # in process: the CLI is the round trip's
+        download_large_files(bundle_path=str(root))
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["large_files.yml"]
 
 
