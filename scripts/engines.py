@@ -185,6 +185,12 @@ def log_network_summary(network: FactorAutoencoderKL, patch_size: Sequence[int])
     return line
 
 
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    """The 2-norm of all gradients of ``module`` (0 when none has one), without a host sync."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 class AutoencoderKLTrainer(Trainer):
     """VAE-GAN training of a (factor-aware) ``AutoencoderKL`` on MONAI's ignite ``Trainer``.
 
@@ -194,8 +200,9 @@ class AutoencoderKLTrainer(Trainer):
     trains on the same batch with a least-squares loss. Gradient accumulation is exact: each
     micro-batch loss is divided by the number of micro-batches in its window (the last window of an
     epoch may be short), and the optimizers step at the window's end, so N accumulated batches of B
-    give the gradient of one batch of N*B. A non-finite loss stops the run before any optimizer step,
-    so the last checkpoint stays good.
+    give the gradient of one batch of N*B. A non-finite loss, or a non-finite gradient norm at a step
+    (``grad_norm``, ``disc_grad_norm`` in the output; without an fp16 scaler), stops the run before
+    any optimizer step, so the last checkpoint stays good.
     """
 
     EPOCH_AVERAGES = ("loss", "recon_loss", "kl_loss")
@@ -292,7 +299,12 @@ class AutoencoderKLTrainer(Trainer):
                 f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at epoch {engine.state.epoch}, "
                 f"iteration {engine.state.iteration}: "
                 f"stopping before the optimizer step, so the last saved checkpoint stays good. Lower learning_rate, "
-                f"use mixed_precision bf16 rather than fp16, or check the data for NaNs."
+                + (
+                    "or train in float32 (mixed_precision null) or fp16 (its loss scaler skips such steps): the loss "
+                    "is finite but its gradients are not."
+                    if all("grad_norm" in k for k in bad)
+                    else "use mixed_precision bf16 rather than fp16, or check the data for NaNs."
+                )
             )
 
     def _iteration(self, engine: AutoencoderKLTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -341,8 +353,14 @@ class AutoencoderKLTrainer(Trainer):
                     losses["disc_loss"] = d_loss
                 self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
 
-        # one host sync per step: all loss values at once, checked before any optimizer step
+        # one host sync per step: all loss values (and, at a step, the gradient norms) at once, checked
+        # before any optimizer step. With fp16 the scaler skips a step of non-finite gradients by itself;
+        # bf16 and float32 have no scaler, so a NaN gradient of a finite loss is refused here.
         losses["loss"] = g_loss
+        if last and not self.scaler.is_enabled():
+            losses["grad_norm"] = _grad_norm(self.network)
+            if adversarial:
+                losses["disc_grad_norm"] = _grad_norm(self.discriminator)
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         self._check_finite(values, engine)
         if last:

@@ -157,6 +157,40 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
     assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
 
 
+@pytest.mark.parametrize("network", ["autoencoder", "discriminator"])
+def test_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_step(network):
+    """bf16 and float32 have no loss scaler: a NaN gradient (injected by a hook) behind a finite loss
+    must not reach the optimizer step, else the epoch's checkpoint_last.pt would hold NaN weights."""
+    ae, disc = tiny_pair()
+    target = ae if network == "autoencoder" else disc
+    next(target.parameters()).register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before_ae = {k: v.clone() for k, v in ae.state_dict().items()}
+    before_d = {k: v.clone() for k, v in disc.state_dict().items()}
+    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+    with pytest.raises(FloatingPointError) as info:
+        trainer.run()
+    name = "grad_norm" if network == "autoencoder" else "disc_grad_norm"
+    message = str(info.value)
+    assert f"{name} = nan" in message and "before the optimizer step" in message
+    assert "epoch 1, iteration 2" in message, "checked at the step, the window's last micro-batch"
+    assert "the loss is finite but its gradients are not" in message
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert all(torch.equal(before_ae[k], v) for k, v in ae.state_dict().items())
+    assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
+
+
+def test_gradient_norms_are_in_the_output_at_each_step():
+    ae, disc = tiny_pair()
+    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    assert "grad_norm" not in outputs[0], "no step inside a window, no norm"
+    assert outputs[1]["grad_norm"] > 0 and outputs[1]["disc_grad_norm"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
