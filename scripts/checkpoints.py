@@ -209,11 +209,46 @@ class AtomicCheckpointSaver:
         self.best = state.get("best")
 
 
+# optimizer settings that choose an implementation, not the update: a run on another machine may differ
+OPTIMIZER_IMPLEMENTATION_KEYS = frozenset({"params", "fused", "foreach", "capturable", "differentiable"})
+
+
+def _optimizer_settings(param_groups: Sequence[Mapping]) -> list[dict]:
+    """Each parameter group's hyperparameters, the learning rate as the schedule's base (``initial_lr``,
+    which a scheduler sets, else ``lr``), so that a warm-up or a decay in progress is no difference."""
+    settings = []
+    for group in param_groups:
+        values = {k: v for k, v in group.items() if k not in OPTIMIZER_IMPLEMENTATION_KEYS and k != "initial_lr"}
+        values["lr"] = group.get("initial_lr", group.get("lr"))
+        settings.append(_plain(values))
+    return settings
+
+
+def check_optimizer_settings(saved: Mapping, optimizer: torch.optim.Optimizer, name: str, path: str | Path) -> None:
+    """Refuse to resume an optimizer whose configured settings (learning rate, betas, weight decay, ...)
+    differ from the checkpoint's: loading its state would silently keep the checkpoint's values while
+    the run's config and MLflow params record the new ones."""
+    theirs, ours = _optimizer_settings(saved.get("param_groups", [])), _optimizer_settings(optimizer.param_groups)
+    diff = sorted(
+        {k for t, o in zip(theirs, ours) for k in set(t) | set(o) if t.get(k) != o.get(k)}
+    )
+    if diff:
+        first = next(i for i, (t, o) in enumerate(zip(theirs, ours)) if any(t.get(k) != o.get(k) for k in diff))
+        saved_values = ", ".join(f"{k}={theirs[first].get(k)!r}" for k in diff)
+        configured = ", ".join(f"{k}={ours[first].get(k)!r}" for k in diff)
+        hint = " (learning_rate)" if diff == ["lr"] else ""
+        raise ValueError(
+            f"resume_from checkpoint '{path}' was trained with {name} {saved_values}, but the config has "
+            f"{configured}{hint}. A resumed run continues the checkpoint's optimizer and schedule: give its values "
+            f"to resume, or start a new run to change them (train_autoencoder.yaml's init_from starts one from its weights)."
+        )
+
+
 class ResumeFromCheckpoint:
     """Trainer handler that continues a run from a checkpoint of :class:`AtomicCheckpointSaver`:
     networks, optimizers, best metric, the trainer's epoch and iteration and its ``engine_attributes``
-    (gradient scalers), after checking the saved network arguments against the configured ones.
-    ``path=None`` does nothing."""
+    (gradient scalers), after checking the saved network arguments and optimizer settings against the
+    configured ones (a changed learning rate is refused, not silently dropped). ``path=None`` does nothing."""
 
     def __init__(
         self,
@@ -238,6 +273,9 @@ class ResumeFromCheckpoint:
         missing = sorted(k for k in [*wanted, "trainer"] if k not in ckpt)
         if missing:
             raise ValueError(f"resume_from checkpoint '{self.path}' lacks {missing}; it holds {sorted(ckpt)}.")
+        for key, obj in self.load_dict.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                check_optimizer_settings(ckpt[key], obj, key, self.path)
 
     def attach(self, engine: Engine) -> None:
         if self.path is not None:
