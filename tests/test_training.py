@@ -340,6 +340,10 @@ def test_wrong_length_downsample_factors_through_the_cli(tmp_path, tiny_dataset)
     result = run_bundle(AE_CONFIG, "training", **train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2, 2]))
     assert result.returncode != 0
     assert "downsample_factors has 3 entries [2, 2, 2], but channels (8, 16, 16) needs 2" in result.stdout
+    # the last lines a user sees name the cause, the key and the rule, not MONAI's "Failed to evaluate"
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0] == "Error (while resolving config item 'autoencoder_def'):", result.stdout[-3000:]
+    assert "ValueError: downsample_factors has 3 entries" in last[1] and "len(downsample_factors) == len(channels) - 1" in last[1]
     assert "Engine run" not in result.stdout, "training must not have started"
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
 
