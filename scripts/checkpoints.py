@@ -1,9 +1,12 @@
 """Checkpoints: written atomically, read with ``weights_only=True``, checked against the configured network.
 
 A checkpoint is a plain dict of state dicts and primitives, so ``torch.load(..., weights_only=True)``
-reads it and a shared bundle never runs code hidden in a pickle. Next to the weights it keeps the
-network's constructor arguments (``autoencoder_args``/``diffusion_args``), so a mismatch with the
-config is reported with both sides before any long work starts.
+reads it and a shared bundle never runs code hidden in a pickle. Next to the weights it keeps what
+inference needs to run them as trained: the network's constructor arguments
+(``autoencoder_args``/``diffusion_args``, compared with the config's, both sides named on a mismatch),
+the preprocessing (``preprocessing``) and, for the diffusion model, its noise schedule
+(``noise_schedule``), which inference reads back (a config value given beside them overrides one,
+with a warning).
 """
 
 from __future__ import annotations
@@ -140,6 +143,54 @@ def load_network(
     except (RuntimeError, ValueError) as e:  # ValueError: the factor check of FactorAutoencoderKL
         raise ValueError(f"{what} '{path}' does not fit the configured network: {e}") from e
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# the settings that travel with the weights
+
+# the preprocessing of checkpoints that predate recording it (train_autoencoder.yaml's preprocessing_args)
+PREPROCESSING_DEFAULTS = {"spacing": None, "modality": "mri", "intensity_percentiles": [0.5, 99.5], "ct_window": [-1000, 1000]}
+# the noise schedule of diffusion checkpoints that predate recording it (train_diffusion.yaml's noise_schedule)
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
+
+
+def _given(value: Any) -> Any:
+    """A command-line value: the strings ``none``/``null`` stand for None, which the CLI cannot pass."""
+    return None if isinstance(value, str) and value.lower() in ("none", "null") else value
+
+
+def resolve_settings(
+    recorded: Mapping | None, overrides: Mapping, defaults: Mapping, path: str | Path, what: str = "checkpoint"
+) -> dict:
+    """The settings a model runs with: those its checkpoint records (``defaults`` for what an older
+    checkpoint lacks), each replaced by an override that is not ``None`` (``None`` in a config means "as
+    the checkpoint records"; the string ``"none"`` gives None itself). An override that differs from a
+    recorded value is logged as a warning naming both."""
+    recorded = _plain(dict(recorded or {}))
+    settings = _plain({**defaults, **recorded})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        value = _plain(_given(value))
+        if key in recorded and recorded[key] != value:
+            logger.warning(
+                f"{key}: {what} '{path}' was trained with {key}={recorded[key]!r}; running with {key}={value!r} as "
+                f"the config gives it (leave {key} null to use the checkpoint's)."
+            )
+        settings[key] = value
+    logger.info(f"{what} '{path}': " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return settings
+
+
+def preprocessing_settings(ckpt: Mapping, overrides: Mapping, path: str | Path, what: str = "autoencoder_ckpt") -> dict:
+    """The preprocessing an autoencoder was trained with (its ``preprocessing`` entry), with the config's overrides."""
+    return resolve_settings(ckpt.get("preprocessing"), overrides, PREPROCESSING_DEFAULTS, path, what)
+
+
+def noise_schedule(ckpt: Mapping, overrides: Mapping, path: str | Path, what: str = "diffusion_ckpt") -> dict:
+    """The noise schedule a diffusion model was trained with (its ``noise_schedule`` entry), with the config's
+    overrides: a model trained with 500 steps is sampled with 500."""
+    return resolve_settings(ckpt.get("noise_schedule"), overrides, NOISE_SCHEDULE_DEFAULTS, path, what)
 
 
 class AtomicCheckpointSaver:
