@@ -103,16 +103,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch; ``deterministic`` also makes cuDNN pick deterministic kernels
-    (reproducible to the bit on one GPU, somewhat slower), otherwise it benchmarks for speed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-
-
 class EpochSeed:
     """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts.
 

@@ -9,6 +9,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,12 @@ def is_rank0() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def prefixed(**groups: Mapping) -> dict:
+    """One flat dict of parameters from named groups: ``prefixed(diffusion={"channels": ...})`` gives
+    ``{"diffusion_channels": ...}`` (MLflow parameters are flat)."""
+    return {f"{name}_{key}": value for name, group in groups.items() for key, value in group.items()}
 
 
 def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> str:
