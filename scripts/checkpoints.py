@@ -222,6 +222,7 @@ class AtomicCheckpointSaver:
         self.key_metric_name = key_metric_name
         self.enabled = enabled
         self.best: float | None = None
+        self.best_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -242,7 +243,7 @@ class AtomicCheckpointSaver:
     def _on_metric(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.key_metric_name])
         if self.best is None or value > self.best:
-            self.best = value
+            self.best, self.best_epoch = value, engine.state.epoch
             self.save()
 
     def save(self, trainer: Engine | None = None) -> None:
@@ -254,10 +255,10 @@ class AtomicCheckpointSaver:
         logger.info(f"saved {self.path}")
 
     def state_dict(self) -> dict:
-        return {"best": self.best}
+        return {"best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.best = state.get("best")
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
 
 
 # optimizer settings that choose an implementation, not the update: a run on another machine may differ

@@ -104,10 +104,14 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
 
 
 class EpochSeed:
-    """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts.
+    """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts,
+    and starts the epoch on a fresh pass of the data loader.
 
     Data order, random crops and the VAE's sampling noise then depend on the epoch (and rank) alone,
-    so a run resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw.
+    so a run resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw,
+    whatever ``epoch_length``: ignite would otherwise carry a loader's pass over into the next epoch
+    when ``epoch_length`` does not divide it, which a resumed run cannot repeat. (With
+    ``epoch_length`` shorter than the loader, each epoch sees the first batches of its own shuffle.)
     """
 
     def __init__(self, seed: int, transform: Randomizable | None = None) -> None:
@@ -125,6 +129,8 @@ class EpochSeed:
         torch.manual_seed(epoch_seed)
         if self.transform is not None:
             self.transform.set_random_state(seed=epoch_seed)
+        if engine.state.dataloader is not None:
+            engine.set_data(engine.state.dataloader)  # a fresh pass, shuffled by the generators just seeded
 
 
 class TimeLimit(IgniteTimeLimit):

@@ -3,11 +3,16 @@ a progress bar on a terminal, and a summary when training ends."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from ignite.engine import Engine, Events
 from monai.bundle.config_item import ConfigItem
 from monai.bundle.utils import ID_SEP_KEY
 
@@ -60,3 +65,88 @@ def report_errors() -> None:
     if sys.excepthook is not _excepthook:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook
+
+
+# network arguments a command line never needs: fixed by the bundle or runtime switches
+_IMPLIED_ARGS = ("spatial_dims", "out_channels", "with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn", "use_checkpoint")
+
+
+def _cli(value: object) -> str:
+    """A value as MONAI's command line (python-fire) reads it."""
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value).replace("true", "True").replace("false", "False")
+    return f'"{text}"' if " " in text else text
+
+
+def reconstruct_command(checkpoint: str | Path, autoencoder_args: Mapping) -> str:
+    """The command that reconstructs scans with ``checkpoint``: the inference config's network keys
+    must match the checkpoint's, so each is given."""
+    keys = " ".join(f"--{k} {_cli(v)}" for k, v in autoencoder_args.items() if k not in _IMPLIED_ARGS)
+    return (
+        f"python -m monai.bundle run --config_file configs/inference_autoencoder.yaml --autoencoder_ckpt {checkpoint} "
+        f"{keys} --dataset_dir IN --output_dir OUT"
+    )
+
+
+class TrainingSummary:
+    """Trainer handler: when training ends, a few lines on where its results are: the best validation
+    metric and its epoch, the checkpoints, the previews, the MLflow run, and the command that uses
+    the new weights."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        checkpoints: Sequence[str],
+        command: str,
+        best_saver: Any = None,
+        metric_name: str = "val_psnr",
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.checkpoints = list(checkpoints)
+        self.command = command
+        self.best_saver = best_saver
+        self.metric_name = metric_name
+        self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def lines(self, engine: Engine) -> list[str]:
+        state = engine.state
+        lines = [f"training finished at epoch {state.epoch} of {state.max_epochs} ({state.iteration} iterations)"]
+        best = getattr(self.best_saver, "best", None)
+        if best is not None:
+            lines.append(f"  best {self.metric_name}: {best:.4f} at epoch {self.best_saver.best_epoch}")
+        written = [str(self.output_dir / c) for c in self.checkpoints if (self.output_dir / c).is_file()]
+        lines.append(f"  checkpoints: {', '.join(written) if written else 'none written'}")
+        previews = self.output_dir / "previews"
+        if previews.is_dir():
+            lines.append(f"  previews: {previews}")
+        if self.tracking_uri is not None:
+            lines.append(f"  MLflow: run '{self.run_name}' of experiment '{self.experiment_name}' at {self.tracking_uri}")
+        if (self.output_dir / self.checkpoints[0]).is_file():
+            lines.append(f"  next: {self.command}")
+        else:
+            lines.append(f"  no {self.checkpoints[0]}: no validation ran (val_interval) or fast_dev_run wrote none")
+        return lines
+
+    def __call__(self, engine: Engine) -> None:
+        for line in self.lines(engine):
+            logger.info(line)
+
+
+def progress_bar() -> Any:
+    """Ignite's ``ProgressBar`` of iterations within an epoch, or ``None`` (nothing attached) when the
+    output is not a terminal, so logs and CI output keep one line per epoch."""
+    if not sys.stderr.isatty():
+        return None
+    from ignite.handlers import ProgressBar
+
+    return ProgressBar(persist=False)

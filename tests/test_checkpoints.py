@@ -303,7 +303,7 @@ def test_best_saver_writes_only_on_improvement(tmp_path):
     saver.save = lambda trainer=None: (saved.append(engine.state.epoch), original(trainer))
     saver.attach(engine)
     engine.run(data, max_epochs=3)
-    assert saved == [1, 3] and saver.state_dict() == {"best": 12.0}
+    assert saved == [1, 3] and saver.state_dict() == {"best": 12.0, "best_epoch": 3}
     assert "trainer" not in torch.load(tmp_path / "best.pt", weights_only=True)
 
 

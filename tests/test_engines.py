@@ -357,6 +357,30 @@ def test_epoch_seed_makes_epochs_reproducible():
     assert _draws_per_epoch(2, seed=8)[1] != first[1]
 
 
+def _batches_per_epoch(max_epochs, start_epoch=0, epoch_length=2):
+    """The batches of each epoch from a shuffled loader of 3 items (epoch_length 2 does not divide it)."""
+    loader = DataLoader(list(range(3)), batch_size=1, shuffle=True)
+    engine = Engine(lambda e, b: None)
+    EpochSeed(7).attach(engine)
+    seen = {}
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.setdefault(e.state.epoch, []).append(int(e.state.batch)))
+    if start_epoch:  # what ResumeFromCheckpoint restores
+        engine.load_state_dict({"epoch": start_epoch, "epoch_length": epoch_length, "max_epochs": max_epochs})
+    engine.run(loader, max_epochs=max_epochs, epoch_length=epoch_length)
+    return seen
+
+
+def test_resume_is_exact_when_epoch_length_does_not_divide_the_loader():
+    """Each epoch starts a fresh pass of the loader, shuffled from (seed, epoch): the batches of a
+    resumed run's epochs are the uninterrupted run's (ignite alone would carry the third item of a
+    pass into the next epoch, which a resumed run cannot repeat)."""
+    whole = _batches_per_epoch(4)
+    assert all(len(b) == 2 for b in whole.values())
+    resumed = _batches_per_epoch(4, start_epoch=2)
+    assert sorted(resumed) == [3, 4] and resumed[3] == whole[3] and resumed[4] == whole[4]
+    assert len({tuple(b) for b in whole.values()}) > 1, "epochs are shuffled differently"
+
+
 # ---------------------------------------------------------------------------------------------
 # auxiliary losses, the learning-rate schedule and the time limit
 
