@@ -1,9 +1,12 @@
 """Checkpoints: written atomically, read with ``weights_only=True``, checked against the configured network.
 
 A checkpoint is a plain dict of state dicts and primitives, so ``torch.load(..., weights_only=True)``
-reads it and a shared bundle never runs code hidden in a pickle. Next to the weights it keeps the
-network's constructor arguments (``autoencoder_args``/``diffusion_args``), so a mismatch with the
-config is reported with both sides before any long work starts.
+reads it and a shared bundle never runs code hidden in a pickle. Next to the weights it keeps what
+inference needs to run them as trained: the network's constructor arguments
+(``autoencoder_args``/``diffusion_args``, compared with the config's, both sides named on a mismatch),
+the preprocessing (``preprocessing``) and, for the diffusion model, its noise schedule
+(``noise_schedule``), which inference reads back (a config value given beside them overrides one,
+with a warning).
 """
 
 from __future__ import annotations
@@ -113,6 +116,54 @@ def load_network(
     return ckpt
 
 
+# ---------------------------------------------------------------------------------------------
+# the settings that travel with the weights
+
+# the preprocessing of checkpoints that predate recording it (train_autoencoder.yaml's preprocessing_args)
+PREPROCESSING_DEFAULTS = {"spacing": None, "modality": "mri", "intensity_percentiles": [0.5, 99.5], "ct_window": [-1000, 1000]}
+# the noise schedule of diffusion checkpoints that predate recording it (train_diffusion.yaml's noise_schedule)
+NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
+
+
+def _given(value: Any) -> Any:
+    """A command-line value: the strings ``none``/``null`` stand for None, which the CLI cannot pass."""
+    return None if isinstance(value, str) and value.lower() in ("none", "null") else value
+
+
+def resolve_settings(
+    recorded: Mapping | None, overrides: Mapping, defaults: Mapping, path: str | Path, what: str = "checkpoint"
+) -> dict:
+    """The settings a model runs with: those its checkpoint records (``defaults`` for what an older
+    checkpoint lacks), each replaced by an override that is not ``None`` (``None`` in a config means "as
+    the checkpoint records"; the string ``"none"`` gives None itself). An override that differs from a
+    recorded value is logged as a warning naming both."""
+    recorded = _plain(dict(recorded or {}))
+    settings = _plain({**defaults, **recorded})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        value = _plain(_given(value))
+        if key in recorded and recorded[key] != value:
+            logger.warning(
+                f"{key}: {what} '{path}' was trained with {key}={recorded[key]!r}; running with {key}={value!r} as "
+                f"the config gives it (leave {key} null to use the checkpoint's)."
+            )
+        settings[key] = value
+    logger.info(f"{what} '{path}': " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return settings
+
+
+def preprocessing_settings(ckpt: Mapping, overrides: Mapping, path: str | Path, what: str = "autoencoder_ckpt") -> dict:
+    """The preprocessing an autoencoder was trained with (its ``preprocessing`` entry), with the config's overrides."""
+    return resolve_settings(ckpt.get("preprocessing"), overrides, PREPROCESSING_DEFAULTS, path, what)
+
+
+def noise_schedule(ckpt: Mapping, overrides: Mapping, path: str | Path, what: str = "diffusion_ckpt") -> dict:
+    """The noise schedule a diffusion model was trained with (its ``noise_schedule`` entry), with the config's
+    overrides: a model trained with 500 steps is sampled with 500."""
+    return resolve_settings(ckpt.get("noise_schedule"), overrides, NOISE_SCHEDULE_DEFAULTS, path, what)
+
+
 class AtomicCheckpointSaver:
     """Ignite handler that writes a checkpoint atomically (MONAI's ``CheckpointSaver`` deletes and
     then rewrites a fixed filename, which a killed run can leave empty or missing).
@@ -142,6 +193,7 @@ class AtomicCheckpointSaver:
         self.key_metric_name = key_metric_name
         self.enabled = enabled
         self.best: float | None = None
+        self.best_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -167,7 +219,7 @@ class AtomicCheckpointSaver:
     def _on_metric(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.key_metric_name])
         if self.best is None or value > self.best:
-            self.best = value
+            self.best, self.best_epoch = value, engine.state.epoch
             self.save()
 
     def save(self, trainer: Engine | None = None) -> None:
@@ -179,17 +231,52 @@ class AtomicCheckpointSaver:
         logger.info(f"saved {self.path}")
 
     def state_dict(self) -> dict:
-        return {"best": self.best}
+        return {"best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.best = state.get("best")
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+
+
+# optimizer settings that choose an implementation, not the update: a run on another machine may differ
+OPTIMIZER_IMPLEMENTATION_KEYS = frozenset({"params", "fused", "foreach", "capturable", "differentiable"})
+
+
+def _optimizer_settings(param_groups: Sequence[Mapping]) -> list[dict]:
+    """Each parameter group's hyperparameters, the learning rate as the schedule's base (``initial_lr``,
+    which a scheduler sets, else ``lr``), so that a warm-up or a decay in progress is no difference."""
+    settings = []
+    for group in param_groups:
+        values = {k: v for k, v in group.items() if k not in OPTIMIZER_IMPLEMENTATION_KEYS and k != "initial_lr"}
+        values["lr"] = group.get("initial_lr", group.get("lr"))
+        settings.append(_plain(values))
+    return settings
+
+
+def check_optimizer_settings(saved: Mapping, optimizer: torch.optim.Optimizer, name: str, path: str | Path) -> None:
+    """Refuse to resume an optimizer whose configured settings (learning rate, betas, weight decay, ...)
+    differ from the checkpoint's: loading its state would silently keep the checkpoint's values while
+    the run's config and MLflow params record the new ones."""
+    theirs, ours = _optimizer_settings(saved.get("param_groups", [])), _optimizer_settings(optimizer.param_groups)
+    diff = sorted(
+        {k for t, o in zip(theirs, ours) for k in set(t) | set(o) if t.get(k) != o.get(k)}
+    )
+    if diff:
+        first = next(i for i, (t, o) in enumerate(zip(theirs, ours)) if any(t.get(k) != o.get(k) for k in diff))
+        saved_values = ", ".join(f"{k}={theirs[first].get(k)!r}" for k in diff)
+        configured = ", ".join(f"{k}={ours[first].get(k)!r}" for k in diff)
+        hint = " (learning_rate)" if diff == ["lr"] else ""
+        raise ValueError(
+            f"resume_from checkpoint '{path}' was trained with {name} {saved_values}, but the config has "
+            f"{configured}{hint}. A resumed run continues the checkpoint's optimizer and schedule: give its values "
+            f"to resume, or start a new run to change them (train_autoencoder.yaml's init_from starts one from its weights)."
+        )
 
 
 class ResumeFromCheckpoint:
     """Trainer handler that continues a run from a checkpoint of :class:`AtomicCheckpointSaver`:
     networks, optimizers, best metric, the trainer's epoch and iteration and its ``engine_attributes``
-    (gradient scalers), after checking the saved network arguments against the configured ones.
-    ``path=None`` does nothing."""
+    (gradient scalers), after checking the saved network arguments and optimizer settings against the
+    configured ones (a changed learning rate is refused, not silently dropped). ``path=None`` does nothing."""
 
     def __init__(
         self,
@@ -214,6 +301,9 @@ class ResumeFromCheckpoint:
         missing = sorted(k for k in [*wanted, "trainer"] if k not in ckpt)
         if missing:
             raise ValueError(f"resume_from checkpoint '{self.path}' lacks {missing}; it holds {sorted(ckpt)}.")
+        for key, obj in self.load_dict.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                check_optimizer_settings(ckpt[key], obj, key, self.path)
 
     def attach(self, engine: Engine) -> None:
         if self.path is not None:

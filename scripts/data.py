@@ -3,6 +3,7 @@ before any long work starts, so a bad file or key fails in seconds with its name
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -174,17 +175,28 @@ def check_volume(path: str | Path, in_channels: int = 1) -> tuple[int, ...]:
     return shape[:3]
 
 
-def split_datalist(datalist: Sequence[dict], val_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """A deterministic train/validation split: the same datalist, fraction and seed give the same split."""
+def split_datalist(
+    datalist: Sequence[dict], val_fraction: float, seed: int = 0, val_datalist: Sequence[dict] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """The train/validation split: ``val_datalist`` when one is given, else ``val_fraction`` of the
+    volumes, those whose file names hash lowest with ``seed`` (SHA-256). It depends on the names and
+    the seed alone, not on a random generator whose output a NumPy upgrade may change, nor on where
+    the folder lies, so a resumed run validates on the volumes the first run did."""
+    if val_datalist is not None:
+        return list(datalist), list(val_datalist)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}.")
     if len(datalist) < 2:
         raise ValueError(f"the dataset has {len(datalist)} volume(s); at least 2 are needed for a train/validation split.")
-    order = np.random.default_rng(seed).permutation(len(datalist))
+
+    def rank(i: int) -> tuple[str, str]:
+        path = str(datalist[i]["image"])
+        return hashlib.sha256(f"{seed}:{Path(path).name}".encode()).hexdigest(), path
+
+    order = sorted(range(len(datalist)), key=rank)
     n_val = min(len(datalist) - 1, max(1, math.ceil(len(datalist) * val_fraction)))
-    val = [datalist[i] for i in sorted(order[:n_val])]
-    train = [datalist[i] for i in sorted(order[n_val:])]
-    return train, val
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(datalist) if i not in val], [d for i, d in enumerate(datalist) if i in val]
 
 
 def check_patch_size(patch_size: Sequence[int], multiple: Sequence[int], spatial_dims: int = 3) -> list[int]:

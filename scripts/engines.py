@@ -103,21 +103,15 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch; ``deterministic`` also makes cuDNN pick deterministic kernels
-    (reproducible to the bit on one GPU, somewhat slower), otherwise it benchmarks for speed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-
-
 class EpochSeed:
-    """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts.
+    """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts,
+    and starts the epoch on a fresh pass of the data loader.
 
     Data order, random crops and the VAE's sampling noise then depend on the epoch (and rank) alone,
-    so a run resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw.
+    so a run resumed from a checkpoint sees exactly the batches and noise the uninterrupted run saw,
+    whatever ``epoch_length``: ignite would otherwise carry a loader's pass over into the next epoch
+    when ``epoch_length`` does not divide it, which a resumed run cannot repeat. (With
+    ``epoch_length`` shorter than the loader, each epoch sees the first batches of its own shuffle.)
     """
 
     def __init__(self, seed: int, transform: Randomizable | None = None) -> None:
@@ -135,6 +129,8 @@ class EpochSeed:
         torch.manual_seed(epoch_seed)
         if self.transform is not None:
             self.transform.set_random_state(seed=epoch_seed)
+        if engine.state.dataloader is not None:
+            engine.set_data(engine.state.dataloader)  # a fresh pass, shuffled by the generators just seeded
 
 
 class TimeLimit(IgniteTimeLimit):
@@ -185,6 +181,12 @@ def log_network_summary(network: FactorAutoencoderKL, patch_size: Sequence[int])
     return line
 
 
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    """The 2-norm of all gradients of ``module`` (0 when none has one), without a host sync."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
 class AutoencoderKLTrainer(Trainer):
     """VAE-GAN training of a (factor-aware) ``AutoencoderKL`` on MONAI's ignite ``Trainer``.
 
@@ -194,8 +196,9 @@ class AutoencoderKLTrainer(Trainer):
     trains on the same batch with a least-squares loss. Gradient accumulation is exact: each
     micro-batch loss is divided by the number of micro-batches in its window (the last window of an
     epoch may be short), and the optimizers step at the window's end, so N accumulated batches of B
-    give the gradient of one batch of N*B. A non-finite loss stops the run before any optimizer step,
-    so the last checkpoint stays good.
+    give the gradient of one batch of N*B. A non-finite loss, or a non-finite gradient norm at a step
+    (``grad_norm``, ``disc_grad_norm`` in the output; without an fp16 scaler), stops the run before
+    any optimizer step, so the last checkpoint stays good.
     """
 
     EPOCH_AVERAGES = ("loss", "recon_loss", "kl_loss")
@@ -292,7 +295,12 @@ class AutoencoderKLTrainer(Trainer):
                 f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at epoch {engine.state.epoch}, "
                 f"iteration {engine.state.iteration}: "
                 f"stopping before the optimizer step, so the last saved checkpoint stays good. Lower learning_rate, "
-                f"use mixed_precision bf16 rather than fp16, or check the data for NaNs."
+                + (
+                    "or train in float32 (mixed_precision null) or fp16 (its loss scaler skips such steps): the loss "
+                    "is finite but its gradients are not."
+                    if all("grad_norm" in k for k in bad)
+                    else "use mixed_precision bf16 rather than fp16, or check the data for NaNs."
+                )
             )
 
     def _iteration(self, engine: AutoencoderKLTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -341,8 +349,14 @@ class AutoencoderKLTrainer(Trainer):
                     losses["disc_loss"] = d_loss
                 self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
 
-        # one host sync per step: all loss values at once, checked before any optimizer step
+        # one host sync per step: all loss values (and, at a step, the gradient norms) at once, checked
+        # before any optimizer step. With fp16 the scaler skips a step of non-finite gradients by itself;
+        # bf16 and float32 have no scaler, so a NaN gradient of a finite loss is refused here.
         losses["loss"] = g_loss
+        if last and not self.scaler.is_enabled():
+            losses["grad_norm"] = _grad_norm(self.network)
+            if adversarial:
+                losses["disc_grad_norm"] = _grad_norm(self.discriminator)
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         self._check_finite(values, engine)
         if last:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,32 @@ def is_rank0() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def prefixed(**groups: Mapping) -> dict:
+    """One flat dict of parameters from named groups: ``prefixed(diffusion={"channels": ...})`` gives
+    ``{"diffusion_channels": ...}`` (MLflow parameters are flat)."""
+    return {f"{name}_{key}": value for name, group in groups.items() for key, value in group.items()}
+
+
+def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> str:
+    """Refuse an MLflow server that cannot be reached, in seconds, before training starts (MLflow itself
+    retries for minutes and then fails without naming the setting). Any HTTP answer counts as reached;
+    local stores (``sqlite:``, ``file:``, a path) are created by MLflow and need no check."""
+    parsed = urllib.parse.urlparse(str(tracking_uri))
+    if parsed.scheme not in ("http", "https"):
+        return tracking_uri
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered (an older server without /health, or one that wants credentials)
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, a bad host name
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"tracking_uri '{tracking_uri}' cannot be reached ({reason}). Start the MLflow server, give a reachable "
+            f"--tracking_uri (the default is a local sqlite file under eval/), or train without tracking: --use_mlflow False."
+        ) from None
+    return tracking_uri
 
 
 def active_parser() -> ConfigParser | None:

@@ -303,7 +303,7 @@ def test_best_saver_writes_only_on_improvement(tmp_path):
     saver.save = lambda trainer=None: (saved.append(engine.state.epoch), original(trainer))
     saver.attach(engine)
     engine.run(data, max_epochs=3)
-    assert saved == [1, 3] and saver.state_dict() == {"best": 12.0}
+    assert saved == [1, 3] and saver.state_dict() == {"best": 12.0, "best_epoch": 3}
     assert "trainer" not in torch.load(tmp_path / "best.pt", weights_only=True)
 
 
@@ -313,3 +313,24 @@ def test_disabled_saver_writes_nothing(tmp_path):
     saver.attach(engine)
     engine.run(data, max_epochs=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_refuses_other_optimizer_settings(tmp_path):
+    """The learning rate is compared at the schedule's base (a warm-up in progress is no difference);
+    other hyperparameters are compared as they are; implementation switches (fused, foreach) are not."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))  # lr now 1e-4
+    path = tmp_path / "checkpoint_last.pt"
+    save_atomic({"net": net.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict(), "trainer": {}}, path)
+
+    def resume(**kwargs):
+        other = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), **kwargs)
+        torch.optim.lr_scheduler.LambdaLR(other, lambda step: min(1.0, (step + 1) / 10))
+        ResumeFromCheckpoint(path, {"opt": other}).check()
+
+    resume(lr=1e-3, foreach=True)  # the same settings, another implementation
+    with pytest.raises(ValueError, match=r"trained with opt lr=0\.001, but the config has lr=0\.002 \(learning_rate\)"):
+        resume(lr=2e-3)
+    with pytest.raises(ValueError, match=r"trained with opt weight_decay=0, but the config has weight_decay=0\.1\."):
+        resume(lr=1e-3, weight_decay=0.1)

@@ -47,8 +47,9 @@ def test_shipped_autoencoders_load_with_their_overlay(overlay, ckpt):
     parser = parse(*files, device=torch.device("cpu"))
     assert Path(parser.get_parsed_content("autoencoder_ckpt")).resolve() == (REPO / ckpt).resolve()
     saved = parser.get_parsed_content("load_autoencoder")
+    settings = parser.get_parsed_content("preprocessing_args")
     for key in ("spacing", "modality", "intensity_percentiles", "ct_window"):
-        assert saved["preprocessing"][key] == parser[key], key
+        assert settings[key] == saved["preprocessing"][key], key
 
 
 def test_sampling_config_loads_the_shipped_diffusion_pair():
@@ -62,12 +63,11 @@ def test_sampling_config_loads_the_shipped_diffusion_pair():
     assert "trained with norm='group', but the config has norm='channel'" in _chained(info.value)
 
 
-def test_reconstruction_config_defaults_to_what_training_writes():
-    """The network and preprocessing keys default as in train_autoencoder.yaml, so a model trained with
-    the defaults reconstructs with the defaults; the reconstruction windows keep a centre."""
+def test_reconstruction_config_network_defaults_to_what_training_writes():
+    """The network keys default as in train_autoencoder.yaml; the reconstruction windows keep a centre."""
     train = parse("configs/train_autoencoder.yaml")
     recon = parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"))
-    for key in ("norm", "spacing", "layout", "downsample_factors", "channels", "latent_channels", "modality"):
+    for key in ("norm", "layout", "downsample_factors", "channels", "latent_channels"):
         assert recon[key] == train[key], key
     trained_args = train.get_parsed_content("autoencoder_args")
     args = recon.get_parsed_content("autoencoder_args")
@@ -77,6 +77,93 @@ def test_reconstruction_config_defaults_to_what_training_writes():
     inferer = recon.get_parsed_content("inferer")
     assert type(inferer).__name__ == "TiledInferer"
     assert inferer.roi_size == (256, 256, 128) and inferer.margins == (32, 32, 32)
+
+
+TINY = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=3)
+
+
+def tiny_autoencoder_checkpoint(path: Path, preprocessing: dict | None) -> Path:
+    """A tiny autoencoder checkpoint as training writes it, with the given preprocessing entry (None: an
+    older checkpoint without one)."""
+    train = parse("configs/train_autoencoder.yaml", **TINY)
+    ckpt = {"autoencoder": train.get_parsed_content("autoencoder_def").state_dict(), "autoencoder_args": train.get_parsed_content("autoencoder_args")}
+    if preprocessing is not None:
+        ckpt["preprocessing"] = preprocessing
+    torch.save(ckpt, path)
+    return path
+
+
+def reconstruction_transforms(ckpt: Path, **overrides) -> list:
+    parser = parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(ckpt), **TINY, **overrides)
+    parser.get_parsed_content("load_autoencoder")
+    return parser.get_parsed_content("preprocessing").transforms
+
+
+def _spacing(transforms) -> list | None:
+    found = [t.spacing_transform.pixdim.tolist() for t in transforms if type(t).__name__ == "Spacingd"]
+    return found[0] if found else None
+
+
+def test_reconstruction_runs_with_the_preprocessing_the_checkpoint_records(tmp_path, caplog):
+    """Trained at 2 mm (train_autoencoder.yaml's preprocessing_args, saved in the checkpoint), reconstructed
+    with the defaults: the reconstruction resamples to 2 mm too, with the checkpoint's intensity mapping."""
+    trained = parse("configs/train_autoencoder.yaml", spacing=[2.0, 2.0, 2.0], modality="ct", ct_window=[-200, 300])
+    ckpt = tiny_autoencoder_checkpoint(tmp_path / "ae.pt", trained.get_parsed_content("preprocessing_args"))
+    caplog.set_level("WARNING")
+    transforms = reconstruction_transforms(ckpt)
+    assert _spacing(transforms) == [2.0, 2.0, 2.0]
+    (intensity,) = [t for t in transforms if type(t).__name__ == "UnitIntensityRanged"]
+    assert intensity.modality == "ct" and list(intensity.ct_window) == [-200, 300]
+    assert not caplog.records, "the checkpoint's own settings need no warning"
+
+
+def test_a_differing_preprocessing_override_is_a_warning_naming_both(tmp_path, caplog):
+    ckpt = tiny_autoencoder_checkpoint(
+        tmp_path / "ae.pt", {"spacing": [2.0, 2.0, 2.0], "modality": "mri", "intensity_percentiles": [0.5, 99.5], "ct_window": [-1000, 1000]}
+    )
+    caplog.set_level("WARNING")
+    assert _spacing(reconstruction_transforms(ckpt, spacing=[1.0, 1.0, 1.0])) == [1.0, 1.0, 1.0]
+    assert f"autoencoder_ckpt '{ckpt}' was trained with spacing=[2.0, 2.0, 2.0]; running with spacing=[1.0, 1.0, 1.0]" in caplog.text
+    caplog.clear()
+    assert _spacing(reconstruction_transforms(ckpt, spacing="none")) is None  # the command line's None: native voxels
+    assert "running with spacing=None" in caplog.text
+    caplog.clear()
+    reconstruction_transforms(ckpt, spacing=[2, 2, 2])  # the same value: no warning
+    assert not caplog.records
+
+
+def test_an_older_checkpoint_without_preprocessing_keeps_the_defaults(tmp_path):
+    ckpt = tiny_autoencoder_checkpoint(tmp_path / "old.pt", None)
+    transforms = reconstruction_transforms(ckpt)
+    assert _spacing(transforms) is None
+    (intensity,) = [t for t in transforms if type(t).__name__ == "UnitIntensityRanged"]
+    assert intensity.modality == "mri"
+
+
+def test_sampling_reads_the_noise_schedule_of_model_pt(tmp_path, caplog):
+    """A model trained with 500 steps is sampled over 500; model.pt without a noise_schedule (the
+    shipped one) keeps the 1000-step schedule; an override that differs is a warning naming both."""
+    shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "noise_schedule" not in shipped
+    parser = parse("configs/inference.yaml", device=torch.device("cpu"))
+    assert parser.get_parsed_content("scheduler").num_train_timesteps == 1000
+    schedule = {"num_train_timesteps": 500, "schedule": "linear_beta", "beta_start": 0.001, "beta_end": 0.02}
+    path = tmp_path / "model_500.pt"
+    torch.save(dict(shipped, noise_schedule=schedule), path)
+    scheduler = parse("configs/inference.yaml", device=torch.device("cpu"), diffusion_ckpt=str(path)).get_parsed_content("scheduler")
+    assert scheduler.num_train_timesteps == 500
+    torch.testing.assert_close(scheduler.betas, torch.linspace(0.001, 0.02, 500))
+    caplog.set_level("WARNING")
+    parser = parse("configs/inference.yaml", device=torch.device("cpu"), diffusion_ckpt=str(path), num_train_timesteps=1000)
+    assert parser.get_parsed_content("scheduler").num_train_timesteps == 1000
+    assert f"diffusion_ckpt '{path}' was trained with num_train_timesteps=500; running with num_train_timesteps=1000" in caplog.text
+
+
+def test_diffusion_training_saves_its_noise_schedule():
+    train = parse("configs/train_autoencoder.yaml", "configs/train_diffusion.yaml", num_train_timesteps=500)
+    saved = train.get_parsed_content("diffusion_checkpoint#noise_schedule")
+    assert saved == {"num_train_timesteps": 500, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
+    assert train.get_parsed_content("noise_scheduler").num_train_timesteps == 500
 
 
 def _chained(error: BaseException) -> str:

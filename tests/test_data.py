@@ -209,6 +209,24 @@ def test_split_depends_on_seed():
     assert len(splits) > 1
 
 
+def test_split_is_pinned_by_the_file_names_alone(monkeypatch):
+    """The split is a hash of each file name and the seed: the same volumes validate whatever the
+    order of the list, the folder it lies in or the NumPy version (its generator is not used: a
+    NumPy upgrade once could move validation volumes into training on resume)."""
+    items = _items(10)
+    expected = ["/data/v02.nii.gz", "/data/v08.nii.gz", "/data/v09.nii.gz"]  # SHA-256 of "0:v02.nii.gz" etc.
+    assert [i["image"] for i in split_datalist(items, 0.25, seed=0)[1]] == expected
+    moved = [{"image": i["image"].replace("/data/", "/elsewhere/")} for i in reversed(items)]
+    assert sorted(i["image"].split("/")[-1] for i in split_datalist(moved, 0.25, seed=0)[1]) == [p.split("/")[-1] for p in expected]
+    monkeypatch.setattr(np.random, "default_rng", None)  # no NumPy generator involved
+    assert [i["image"] for i in split_datalist(items, 0.25, seed=0)[1]] == expected
+
+
+def test_split_keeps_a_given_validation_list():
+    train, val = split_datalist(_items(3), 0.25, val_datalist=[{"image": "/val/a.nii.gz"}])
+    assert train == _items(3) and val == [{"image": "/val/a.nii.gz"}]
+
+
 @pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
 def test_split_refuses_bad_fraction(fraction):
     with pytest.raises(ValueError, match=r"val_fraction must be between 0 and 1.*" + re.escape(repr(fraction))):

@@ -157,6 +157,40 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
     assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
 
 
+@pytest.mark.parametrize("network", ["autoencoder", "discriminator"])
+def test_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_step(network):
+    """bf16 and float32 have no loss scaler: a NaN gradient (injected by a hook) behind a finite loss
+    must not reach the optimizer step, else the epoch's checkpoint_last.pt would hold NaN weights."""
+    ae, disc = tiny_pair()
+    target = ae if network == "autoencoder" else disc
+    next(target.parameters()).register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before_ae = {k: v.clone() for k, v in ae.state_dict().items()}
+    before_d = {k: v.clone() for k, v in disc.state_dict().items()}
+    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
+    with pytest.raises(FloatingPointError) as info:
+        trainer.run()
+    name = "grad_norm" if network == "autoencoder" else "disc_grad_norm"
+    message = str(info.value)
+    assert f"{name} = nan" in message and "before the optimizer step" in message
+    assert "epoch 1, iteration 2" in message, "checked at the step, the window's last micro-batch"
+    assert "the loss is finite but its gradients are not" in message
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert all(torch.equal(before_ae[k], v) for k, v in ae.state_dict().items())
+    assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
+
+
+def test_gradient_norms_are_in_the_output_at_each_step():
+    ae, disc = tiny_pair()
+    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2)
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    assert "grad_norm" not in outputs[0], "no step inside a window, no norm"
+    assert outputs[1]["grad_norm"] > 0 and outputs[1]["disc_grad_norm"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -321,6 +355,30 @@ def test_epoch_seed_makes_epochs_reproducible():
     resumed = _draws_per_epoch(3, start_epoch=1)
     assert sorted(resumed) == [2, 3] and resumed[2] == first[2] and resumed[3] == first[3]
     assert _draws_per_epoch(2, seed=8)[1] != first[1]
+
+
+def _batches_per_epoch(max_epochs, start_epoch=0, epoch_length=2):
+    """The batches of each epoch from a shuffled loader of 3 items (epoch_length 2 does not divide it)."""
+    loader = DataLoader(list(range(3)), batch_size=1, shuffle=True)
+    engine = Engine(lambda e, b: None)
+    EpochSeed(7).attach(engine)
+    seen = {}
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.setdefault(e.state.epoch, []).append(int(e.state.batch)))
+    if start_epoch:  # what ResumeFromCheckpoint restores
+        engine.load_state_dict({"epoch": start_epoch, "epoch_length": epoch_length, "max_epochs": max_epochs})
+    engine.run(loader, max_epochs=max_epochs, epoch_length=epoch_length)
+    return seen
+
+
+def test_resume_is_exact_when_epoch_length_does_not_divide_the_loader():
+    """Each epoch starts a fresh pass of the loader, shuffled from (seed, epoch): the batches of a
+    resumed run's epochs are the uninterrupted run's (ignite alone would carry the third item of a
+    pass into the next epoch, which a resumed run cannot repeat)."""
+    whole = _batches_per_epoch(4)
+    assert all(len(b) == 2 for b in whole.values())
+    resumed = _batches_per_epoch(4, start_epoch=2)
+    assert sorted(resumed) == [3, 4] and resumed[3] == whole[3] and resumed[4] == whole[4]
+    assert len({tuple(b) for b in whole.values()}) > 1, "epochs are shuffled differently"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import AE_CONFIG, run_workflow, train_overrides
+from conftest import AE_CONFIG, run_bundle, run_workflow, train_overrides
 
 EXPERIMENT = "ldm3d_downsample_factors"
 EPOCH_LENGTH = 3
@@ -164,3 +164,28 @@ def test_tracking_server(tmp_path, tiny_dataset, mlflow_server, monkeypatch):
     stored = {p.name for p in mlflow_server["artifacts"].rglob("*") if p.is_file()}
     assert {"config.yaml", "checkpoint_last.pt", "reconstruction_epoch0001.png"} <= stored
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_fix(tmp_path, tiny_dataset):
+    """Nothing listens on port 9: MLflow would retry for minutes and fail without naming the setting.
+    The run stops during initialize, and its last lines name tracking_uri and --use_mlflow False."""
+    with socket.socket() as s:  # a port that refuses connections
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    result = run_bundle(
+        AE_CONFIG, "training", timeout=120, **train_overrides(tmp_path, tiny_dataset, use_mlflow=True, tracking_uri=uri)
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    last = "\n".join(result.stdout.strip().splitlines()[-2:])
+    assert f"tracking_uri '{uri}' cannot be reached" in last and "--use_mlflow False" in last, result.stdout[-3000:]
+    assert "Engine run" not in result.stdout and not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_local_tracking_uris_are_not_probed():
+    from scripts.tracking import check_tracking_uri
+
+    for uri in ("sqlite:///x/mlruns.db", "file:///x/mlruns", "mlruns"):
+        assert check_tracking_uri(uri, timeout=0.01) == uri

@@ -240,10 +240,15 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, tiny_dataset, trained_au
 
 
 def test_resume_past_max_epochs_is_refused(tmp_path, tiny_dataset, trained_autoencoder):
+    lr = trained_autoencoder["overrides"]["learning_rate"]
     workflow = make_workflow(
         AE_CONFIG,
         **train_overrides(
-            tmp_path, tiny_dataset, max_epochs=1, resume_from=str(trained_autoencoder["dir"] / "checkpoint_last.pt")
+            tmp_path,
+            tiny_dataset,
+            max_epochs=1,
+            learning_rate=lr,
+            resume_from=str(trained_autoencoder["dir"] / "checkpoint_last.pt"),
         ),
     )
     workflow.initialize()
@@ -251,6 +256,17 @@ def test_resume_past_max_epochs_is_refused(tmp_path, tiny_dataset, trained_autoe
         workflow.run()
     assert "checkpoint_last.pt' is at epoch 2, past max_epochs=1" in _error_text(info.value)
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
+
+
+def test_resume_with_another_learning_rate_is_refused(tmp_path, tiny_dataset, trained_autoencoder):
+    """A resumed run continues the checkpoint's optimizer: a new --learning_rate would be dropped while
+    config.yaml and MLflow record it, so it is refused before training, naming both values."""
+    ckpt = trained_autoencoder["dir"] / "checkpoint_last.pt"
+    overrides = {k: v for k, v in trained_autoencoder["overrides"].items() if k not in ("output_dir", "tracking_uri")}
+    text = _refused(tmp_path, **dict(overrides, learning_rate=1e-5, max_epochs=3, resume_from=str(ckpt)))
+    assert f"resume_from checkpoint '{ckpt}' was trained with optimizer_g lr=0.002" in text
+    assert "config has lr=1e-05 (learning_rate)" in text and "init_from" in text
+    assert not (tmp_path / "out" / "config.yaml").exists(), "nothing recorded for a run that did not run"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +340,10 @@ def test_wrong_length_downsample_factors_through_the_cli(tmp_path, tiny_dataset)
     result = run_bundle(AE_CONFIG, "training", **train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2, 2]))
     assert result.returncode != 0
     assert "downsample_factors has 3 entries [2, 2, 2], but channels (8, 16, 16) needs 2" in result.stdout
+    # the last lines a user sees name the cause, the key and the rule, not MONAI's "Failed to evaluate"
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0] == "Error (while resolving config item 'autoencoder_def'):", result.stdout[-3000:]
+    assert "ValueError: downsample_factors has 3 entries" in last[1] and "len(downsample_factors) == len(channels) - 1" in last[1]
     assert "Engine run" not in result.stdout, "training must not have started"
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
 
