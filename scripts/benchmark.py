@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.reconstruction = [["space_to_depth", [2, 2]]]
         args.network.update(channels=(8, 16, 16), norm_num_groups=8)
         args.discriminator_channels = 8
-        args.recon_network = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 3}
+        args.recon_network = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 16}
     results = run(args)
     print_table(results)
     if args.output is not None:

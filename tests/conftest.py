@@ -45,14 +45,15 @@ TINY_AUTOENCODER = dict(
     in_channels=1,
     out_channels=1,
     channels=(8, 16, 16),
-    latent_channels=3,
+    latent_channels=16,
     num_res_blocks=1,
     attention_levels=(False, False, False),
     norm_num_groups=8,
     with_encoder_nonlocal_attn=False,
     with_decoder_nonlocal_attn=False,
+    shortcut=True,
 )
-TINY_NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=3, spacing=[4.0, 4.0, 4.0], mixed_precision=None)
+TINY_NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=16, spacing=[4.0, 4.0, 4.0], mixed_precision=None)
 # training-only keys
 TINY_TRAIN = dict(
     TINY_NET,

@@ -48,7 +48,7 @@ WEIGHTS = (
     "models/model_autoencoder_16x.pt",
     "models/diffusion_autoencoder.pt",
 )
-TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 3}
+TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 16}
 TINY_DIFFUSION = {"diffusion_channels": [32, 32], "diffusion_attention_levels": [False, False]}
 TINY_LATENT = [4, 4, 4]  # the latent of a 16^3 patch at the default total factor 4
 

@@ -24,7 +24,7 @@ from scripts.networks import FactorAutoencoderKL
 
 from conftest import TINY_AUTOENCODER
 
-TINY = TINY_AUTOENCODER
+TINY = {k: v for k, v in TINY_AUTOENCODER.items() if k != "shortcut"}  # MONAI's AutoencoderKL arguments
 
 
 def tiny_ae(seed=0, **kwargs):
@@ -124,7 +124,7 @@ def test_check_args_names_both_sides():
         check_args(saved, dict(configured, latent_channels=4), "/m/x.pt", "autoencoder_ckpt")
     message = str(info.value)
     assert "autoencoder_ckpt '/m/x.pt'" in message
-    assert "trained with downsample_factors=[4, 2], latent_channels=3" in message
+    assert "trained with downsample_factors=[4, 2], latent_channels=16" in message
     assert "config has downsample_factors=[2, 2], latent_channels=4" in message
     with pytest.raises(ValueError, match=r"trained with extra=None.*config has extra=1"):
         check_args(saved, dict(saved, extra=1), "x.pt", "ckpt")

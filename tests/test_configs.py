@@ -79,7 +79,7 @@ def test_reconstruction_config_network_defaults_to_what_training_writes():
     assert inferer.roi_size == (256, 256, 128) and inferer.margins == (32, 32, 32)
 
 
-TINY = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=3)
+TINY = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=16)
 
 
 def tiny_autoencoder_checkpoint(path: Path, preprocessing: dict | None) -> Path:

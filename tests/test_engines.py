@@ -264,7 +264,7 @@ def test_log_network_summary_line(caplog):
     ae, _ = tiny_pair()
     caplog.set_level("INFO", logger="scripts.engines")
     line = engines.log_network_summary(ae, (32, 16, 16))
-    assert line.startswith("downsample factors (2, 2) (space_to_depth): total 4x, patch 32x16x16 -> latent 3x8x4x4")
+    assert line.startswith("downsample factors (2, 2) (space_to_depth): total 4x, patch 32x16x16 -> latent 16x8x4x4")
     assert line in caplog.text
 
 

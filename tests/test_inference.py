@@ -40,7 +40,7 @@ from scripts.inference import LatentEncoder, TiledInferer, _tiles
 from scripts.metrics import body_mask, masked_quality
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
-NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=3, downsample_factors=[2, 2], mixed_precision=None)
+NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=16, downsample_factors=[2, 2], mixed_precision=None)
 SPACING = [4.0, 4.0, 4.0]
 TOTAL = 4
 
@@ -282,10 +282,10 @@ def test_latents_nifti_and_pt(recon_runs):
         spatial = preprocessed_shape(path)
         latent_shape = tuple(s // TOTAL for s in spatial)
         nifti = nib.load(out / f"{name}_latent.nii.gz")
-        assert nifti.shape == (*latent_shape, 3)  # channels last, as NIfTI tools expect
+        assert nifti.shape == (*latent_shape, 16)  # channels last, as NIfTI tools expect
         np.testing.assert_allclose(np.abs(nifti.header.get_zooms()[:3]), [s * TOTAL for s in SPACING], rtol=1e-5)
         pt = torch.load(out / f"{name}_latent.pt", weights_only=True)
-        assert tuple(pt["z_mu"].shape) == (3, *latent_shape)
+        assert tuple(pt["z_mu"].shape) == (16, *latent_shape)
         np.testing.assert_allclose(pt["affine"].numpy(), nifti.affine, atol=1e-4)
         # both runs encoded the same volume to the same z_mu
         np.testing.assert_allclose(np.moveaxis(pt["z_mu"].numpy(), 0, -1), nifti.get_fdata(), atol=1e-5)
@@ -415,7 +415,7 @@ def test_two_channel_reconstruction_writes_every_channel(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "two_channel.pt"
     save_atomic({"autoencoder": FactorAutoencoderKL(**args).state_dict(), "autoencoder_args": args}, ckpt)
-    network_keys = dict(in_channels=2, channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2])
+    network_keys = dict(in_channels=2, channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2], shortcut=False)
     run_workflow(RECON_CONFIG, **recon_overrides(tmp_path / "in", tmp_path / "out", ckpt, **network_keys, spacing=None))
     (row,) = read_csv(tmp_path / "out" / "reconstruction_metrics.csv")
     assert row["status"] == "ok", row
@@ -592,7 +592,8 @@ def test_config_tiled_reconstruction_equals_whole_volume_reconstruction(tmp_path
     args = dict(SMALL_RF_NET, channels=list(SMALL_RF_NET["channels"]), attention_levels=[False, False], use_checkpoint=False, norm="channel")
     save_atomic({"autoencoder": net.state_dict(), "autoencoder_args": args}, ckpt)
     network_keys = dict(
-        channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2], spacing=None
+        channels=[8, 8], latent_channels=2, num_res_blocks=0, attention_levels=[False, False], downsample_factors=[2], spacing=None,
+        shortcut=False,
     )
     recon, latents = {}, {}
     for name, roi in (("whole", [64, 64, 64]), ("tiled", [32, 32, 32])):
@@ -686,7 +687,7 @@ def test_diffusion_checkpoint_and_scale_factor(trained_diffusion, trained_autoen
     ae_ckpt = torch.load(trained_autoencoder["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["autoencoder_args"] == ae_ckpt["autoencoder_args"]
     assert ckpt["diffusion_args"]["channels"] == [8, 8] and ckpt["diffusion_args"]["norm_num_groups"] == 8
-    assert ckpt["diffusion_args"]["in_channels"] == 3
+    assert ckpt["diffusion_args"]["in_channels"] == 16
     assert ckpt["spacing"] == SPACING and ckpt["latent_shape"] == [4, 4, 4]
 
     # recompute 1/std of the training latents with an independent copy of the autoencoder, from
@@ -735,6 +736,7 @@ def generate_overrides(output_dir, trained_autoencoder, diffusion_ckpt, seed=0, 
         NET,
         **TINY_DIFFUSION,
         norm="channel",  # a pair trained with the defaults (the sampling config describes the shipped, older pair)
+        shortcut=True,
         bundle_root=str(REPO),
         output_dir=str(output_dir),
         autoencoder_ckpt=str(trained_autoencoder["ckpt"]),

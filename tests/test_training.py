@@ -86,7 +86,7 @@ def test_training_factors_4_2_through_the_cli(tmp_path, tiny_dataset):
     assert result.returncode == 0, result.stdout[-5000:]
     log = result.stdout
     # the startup line names the factors, the total factor and the latent shape of the patch
-    assert "downsample factors (4, 2) (space_to_depth): total 8x, patch 16x16x16 -> latent 3x2x2x2" in log
+    assert "downsample factors (4, 2) (space_to_depth): total 8x, patch 16x16x16 -> latent 16x2x2x2" in log
     assert "val_psnr:" in log  # the validation PSNR is logged
     check_training_outputs(tmp_path / "out", [4, 2], epochs=1)
     assert not (tmp_path / "mlruns.db").exists(), "use_mlflow False must not create a tracking store"
@@ -96,7 +96,7 @@ def test_training_anisotropic_factors(tmp_path, tiny_dataset, caplog):
     factors = [[2, 2, 1], [2, 2, 2]]
     caplog.set_level("INFO")
     workflow = run_workflow(AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, downsample_factors=factors, patch_size=[16, 16, 12]))
-    assert "downsample factors [[2, 2, 1], [2, 2, 2]] (space_to_depth): total 4x4x2, patch 16x16x12 -> latent 3x4x4x6" in caplog.text
+    assert "downsample factors [[2, 2, 1], [2, 2, 2]] (space_to_depth): total 4x4x2, patch 16x16x12 -> latent 16x4x4x6" in caplog.text
     last = check_training_outputs(tmp_path / "out", factors, epochs=1)
     assert last["autoencoder"]["downsample_factors"].tolist() == factors  # recorded in the state dict too
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
