@@ -21,12 +21,13 @@ from ignite.metrics import Average
 from monai.engines import Trainer
 from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
 from monai.inferers import Inferer, LatentDiffusionInferer, SimpleInferer
-from monai.losses import JukeboxLoss, PatchAdversarialLoss, PerceptualLoss, SSIMLoss
+from monai.losses import PatchAdversarialLoss
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Randomizable
 
-from scripts.networks import FactorAutoencoderKL, _fmt
-from scripts.tracking import active_parser
+from scripts.losses import kl_loss
+from scripts.networks import FactorAutoencoderKL, format_factors
+from scripts.tracking import active_parser  # the teardown below must drop the config's resolved objects
 
 logger = logging.getLogger(__name__)
 
@@ -49,48 +50,6 @@ def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> t
 def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to ``amp_dtype`` on ``device``; a no-op for ``None`` (float32)."""
     return torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
-    """KL divergence to the unit Gaussian, summed over the latent and averaged over the batch."""
-    kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2)) - 1)
-    return kl.flatten(1).sum(1).mean()
-
-
-def build_perceptual_loss(
-    enabled: bool, spatial_dims: int = 3, network_type: str = "squeeze", cache_dir: str | None = None, **kwargs: Any
-) -> nn.Module | None:
-    """MONAI's ``PerceptualLoss``, or ``None`` with a logged reason when its pretrained weights cannot
-    be reached (offline, or no cached copy): training then goes on without it."""
-    if not enabled:
-        return None
-    try:
-        return PerceptualLoss(spatial_dims=spatial_dims, network_type=network_type, cache_dir=cache_dir, **kwargs)
-    except ImportError as e:  # e.g. the lpips package behind the torchvision-style networks
-        logger.warning(
-            f"perceptual loss disabled: '{network_type}' needs a package that is not installed ({e}). "
-            f"Training without it; install it, or pick another perceptual_network."
-        )
-    except Exception as e:  # a download or torch.hub failure: say so and go on
-        logger.warning(
-            f"perceptual loss disabled: the pretrained '{network_type}' weights could not be loaded "
-            f"(cache_dir={cache_dir!r}): {type(e).__name__}: {e}. Training without it; point "
-            f"perceptual_cache_dir at a torch.hub cache that holds them to use it offline."
-        )
-    return None
-
-
-def build_auxiliary_losses(spatial_dims: int = 3, ssim_weight: float = 0.0, spectral_weight: float = 0.0) -> dict:
-    """Reconstruction losses beside L1 that need no download, as ``{name: (loss, weight)}`` for the
-    weights above 0: ``ssim_loss`` (MONAI's ``SSIMLoss``: 1 - SSIM, local structure and contrast) and
-    ``spectral_loss`` (MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes, which penalises the
-    loss of high frequencies that L1 alone lets a model trade for blur)."""
-    losses: dict[str, tuple[nn.Module, float]] = {}
-    if ssim_weight > 0:
-        losses["ssim_loss"] = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0), float(ssim_weight))
-    if spectral_weight > 0:
-        losses["spectral_loss"] = (JukeboxLoss(spatial_dims=spatial_dims), float(spectral_weight))
-    return losses
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int) -> Any:
@@ -173,7 +132,7 @@ def log_network_summary(network: FactorAutoencoderKL, patch_size: Sequence[int])
     latent = network.latent_shape(patch_size)
     params = sum(p.numel() for p in network.parameters())
     line = (
-        f"downsample factors {_fmt(network.downsample_factors)} ({network.layout}): total {total_str}, patch "
+        f"downsample factors {format_factors(network.downsample_factors)} ({network.layout}): total {total_str}, patch "
         f"{'x'.join(map(str, patch_size))} -> latent {'x'.join(map(str, (network.latent_channels, *latent)))}, "
         f"{params / 1e6:.2f}M parameters"
     )

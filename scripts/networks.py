@@ -38,6 +38,7 @@ __all__ = [
     "SpaceToDepth",
     "DepthToSpace",
     "Reconstructor",
+    "format_factors",
     "init_posterior",
     "shortcut_factors",
     "normalize_factors",
@@ -619,7 +620,7 @@ class FactorAutoencoderKL(AutoencoderKL):
         if any(s % m for s, m in zip(spatial_shape, self.spatial_multiple)):
             raise ValueError(
                 f"input spatial shape {spatial_shape} is not divisible by {self.spatial_multiple}, the total "
-                f"downsampling factor per axis of downsample_factors {_fmt(self.downsample_factors)}; pad the input "
+                f"downsampling factor per axis of downsample_factors {format_factors(self.downsample_factors)}; pad the input "
                 f"(e.g. DivisiblePadd(k={list(self.spatial_multiple)})) or crop it."
             )
 
@@ -642,7 +643,7 @@ class FactorAutoencoderKL(AutoencoderKL):
         return dec
 
 
-def _fmt(factors: Factors) -> str:
+def format_factors(factors: Factors) -> str:
     """Factors as a user wrote them: ``(4, 2)`` when isotropic, per-axis lists otherwise."""
     if all(len(set(f)) == 1 for f in factors):
         return str(tuple(f[0] for f in factors))
@@ -687,8 +688,8 @@ def _check_factors(
     ours = (module.downsample_factors, module.layout, module.norm, module.shortcut)
     if theirs != ours:  # also with strict=False: weights of other factors are never what was meant
         raise ValueError(
-            f"checkpoint was saved with downsample_factors {_fmt(theirs[0])}, layout {theirs[1]!r}, norm {theirs[2]!r}, "
-            f"shortcut {theirs[3]}{origin}, but this network has downsample_factors {_fmt(ours[0])}, layout {ours[1]!r}, "
+            f"checkpoint was saved with downsample_factors {format_factors(theirs[0])}, layout {theirs[1]!r}, norm {theirs[2]!r}, "
+            f"shortcut {theirs[3]}{origin}, but this network has downsample_factors {format_factors(ours[0])}, layout {ours[1]!r}, "
             f"norm {ours[2]!r}, shortcut {ours[3]}."
         )
 

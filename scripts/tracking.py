@@ -67,7 +67,11 @@ def active_parser() -> ConfigParser | None:
 
 def export_config(path: str | Path) -> str:
     """Write the config being run (all files merged, command-line overrides applied) to ``path``:
-    what ``--tracking mlflow`` saves as its ``save_execute_config`` artifact, without that flag."""
+    what ``--tracking mlflow`` saves as its ``save_execute_config`` artifact, without that flag.
+
+    Why not MONAI's own: ``--tracking`` replaces the config's MLflow handlers with its defaults (which
+    log no metrics of this trainer's names) and must be given on every command line; this writes
+    the same file from inside the config, for every run, with or without MLflow."""
     parser = active_parser()
     if parser is None:
         raise RuntimeError("export_config must be called from a bundle config expression.")
@@ -147,7 +151,12 @@ class ReconstructionPreview:
 
 
 def log_artifact(tracking_uri: str, experiment_name: str, run_name: str, path: str | Path, artifact_path: str) -> None:
-    """Log a file to the MLflow run named ``run_name`` (the one MONAI's ``MLFlowHandler`` opened)."""
+    """Log a file to the MLflow run named ``run_name`` (the one MONAI's ``MLFlowHandler`` opened).
+
+    Why not ``MLFlowHandler(artifacts=...)``: it logs its artifacts once, when the run completes, and
+    flattens folders; the previews are logged at each validation, under ``previews/``, so that a run
+    that stops early still shows them. The handler's run is not reachable from another handler in a
+    config, so the run is found by its (unique, time- and pid-stamped) name."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
