@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# One study stage on the GPU machine: install the wheels, unpack the volumes, run the spec, and leave
-# in $OUT the curves, the trimmed logs and the best runs' weights in half precision.
-#   bash docs/study/device_stage.sh SPEC_FILE [KEEP_RUN ...]
+# One study stage on a GPU host: install the wheels in .whl/ (MONAI and its pure-Python needs, for a
+# host without them), unpack .data/data.tar.xz, run the spec, and leave in the folder that $OUT names
+# the curves, the trimmed logs, the best runs' weights in half precision and their evaluation.
+#   OUT=results bash docs/study/device_stage.sh SPEC_FILE [KEEP_RUN ...]
 set -uo pipefail
+mkdir -p "${OUT:?set OUT to the folder for the results}"
 spec=$1; shift
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/data && tar xJf .data/data.tar.xz -C /tmp/data || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
