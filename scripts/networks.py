@@ -699,10 +699,10 @@ def init_posterior(autoencoder: AutoencoderKL, log_var: float | None) -> Autoenc
     variance of ``z``) to ``log_var``; ``None`` keeps PyTorch's initialisation.
 
     With the default bias near 0 the sampled latent starts with noise of standard deviation 1, as
-    large as the signal, and with a small KL weight only the reconstruction loss narrows it, slowly:
-    a latent channel with signal-to-noise ratio near 1 carries about half a bit per voxel, so the
-    decoder learns to ignore the detail the encoder could give it. Starting at ``log_var = -8``
-    (sigma 0.02) the latent carries its detail from the first step.
+    large as the signal, and with a small KL weight only the reconstruction loss narrows it, slowly.
+    With the latent shortcut that noise also reaches the output directly, so a narrow start
+    (``log_var = -8``: sigma 0.02) trains faster early; without the shortcut it measured no better
+    (docs/quality.md).
     """
     if log_var is not None:
         nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, float(log_var))
