@@ -22,7 +22,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from scripts.checkpoints import load_checkpoint
+from scripts.checkpoints import load_checkpoint, preprocessing_settings
 from scripts.engines import autocast, autocast_dtype
 from scripts.io import write_atomic
 from scripts.inference import ResultsCSV, TiledInferer, _root_cause
@@ -68,16 +68,15 @@ class Evaluation:
         self.autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
         self.autoencoder.load_state_dict(ckpt["autoencoder"])
         self.network = Reconstructor(self.autoencoder).to(self.device).eval()
-        recorded = ckpt.get("preprocessing") or {}
-        # the intensity mapping's parameters default to the bundle's (what older checkpoints were trained with)
-        settings = {"intensity_percentiles": [0.5, 99.5], "ct_window": [-1000.0, 1000.0], **recorded, **(preprocessing or {})}
-        missing = {"spacing", "modality"} - set(settings)
+        overrides = {k: "none" if v is None else v for k, v in (preprocessing or {}).items()}  # None given: no resampling
+        # spacing and modality have no safe default for an older checkpoint; the rest default as in the configs
+        missing = {"spacing", "modality"} - set(ckpt.get("preprocessing") or {}) - set(overrides)
         if missing:
             raise ValueError(
                 f"checkpoint '{checkpoint}' does not record its preprocessing ({sorted(missing)} missing); "
                 f"give them with --spacing/--modality (older checkpoints were trained at 1 mm, modality mri)."
             )
-        self.settings = settings
+        self.settings = settings = preprocessing_settings(ckpt, overrides, checkpoint, "checkpoint")
         multiple = self.autoencoder.spatial_multiple
         self.transform = Compose(
             build_preprocessing(
