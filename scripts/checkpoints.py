@@ -122,7 +122,13 @@ def load_network(
 # the preprocessing of checkpoints that predate recording it (train_autoencoder.yaml's preprocessing_args)
 PREPROCESSING_DEFAULTS = {"spacing": None, "modality": "mri", "intensity_percentiles": [0.5, 99.5], "ct_window": [-1000, 1000]}
 # the noise schedule of diffusion checkpoints that predate recording it (train_diffusion.yaml's noise_schedule)
-NOISE_SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
+NOISE_SCHEDULE_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "schedule": "scaled_linear_beta",
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+    "prediction_type": "epsilon",
+}
 
 
 def _given(value: Any) -> Any:

@@ -151,7 +151,37 @@ def _read_datalist_json(path: Path) -> list[dict]:
     for i, item in enumerate(items):
         if "image" not in item:
             raise ValueError(f"datalist '{path}': training[{i}] has no 'image' key: {item}.")
-    return [{"image": item["image"]} for item in items]
+    return [{k: v for k, v in item.items() if k != "label"} for item in items]  # "label" is a segmentation's
+
+
+def class_names(datalist: Sequence[dict], condition_key: str | None) -> list[str]:
+    """The classes of a class-conditioned diffusion model: the sorted values of ``condition_key`` in
+    the datalist (e.g. ``"class": "T1"``); none when ``condition_key`` is None."""
+    if not condition_key:
+        return []
+    missing = [str(item["image"]) for item in datalist if condition_key not in item]
+    if missing:
+        raise ValueError(
+            f"condition_key is '{condition_key}', but {len(missing)} volume(s) have no '{condition_key}' in the datalist, "
+            f"e.g. '{missing[0]}'; give every training volume its class (a datalist JSON item like "
+            f'{{"image": "scan.nii.gz", "{condition_key}": "T1"}}), or set condition_key to null.'
+        )
+    return sorted({str(item[condition_key]) for item in datalist})
+
+
+def with_class_index(datalist: Sequence[dict], condition_key: str | None, classes: Sequence[str]) -> list[dict]:
+    """The datalist with each item's class as an integer label, ``class_index`` (its position in
+    ``classes``); unchanged when the model is unconditional."""
+    if not condition_key:
+        return list(datalist)
+    classes = list(classes)
+    out = []
+    for item in datalist:
+        name = str(item.get(condition_key))
+        if name not in classes:
+            raise ValueError(f"volume '{item['image']}' has {condition_key} '{name}', which is not one of the classes {classes}.")
+        out.append(dict(item, class_index=classes.index(name)))
+    return out
 
 
 def check_volume(path: str | Path, in_channels: int = 1) -> tuple[int, ...]:

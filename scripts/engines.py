@@ -1,5 +1,6 @@
-"""Ignite/MONAI engines: the VAE-GAN trainer of the autoencoder and the pieces that let MONAI's
-``SupervisedTrainer`` and ``LatentDiffusionInferer`` train the latent diffusion model."""
+"""Ignite/MONAI engines: the VAE-GAN trainer of the autoencoder, and what every training run shares
+(mixed precision, the learning-rate schedule, per-epoch reseeding, the time limit, the teardown of a
+distributed run). The latent diffusion model's own pieces are in ``scripts.diffusion``."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit as IgniteTimeLimit
 from ignite.metrics import Average
 from monai.engines import Trainer
-from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
-from monai.inferers import Inferer, LatentDiffusionInferer, SimpleInferer
+from monai.engines.utils import default_prepare_batch
+from monai.inferers import Inferer, SimpleInferer
 from monai.losses import PatchAdversarialLoss
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Randomizable
@@ -327,47 +328,6 @@ class AutoencoderKLTrainer(Trainer):
         return values
 
 
-def latent_scale_factor(
-    autoencoder: nn.Module,
-    data_loader: Iterable,
-    device: torch.device | str,
-    max_batches: int | None = None,
-    resume_from: str | None = None,
-) -> float:
-    """1 / std of the autoencoder's latents over the training data: the latent scale factor of
-    ``LatentDiffusionInferer`` (Rombach et al.). Computed once at the start of diffusion training and
-    saved with the diffusion model; a resumed run reuses the saved value."""
-    if resume_from is not None:
-        from scripts.checkpoints import load_checkpoint
-
-        scale = load_checkpoint(resume_from, "resume_from checkpoint").get("scale_factor")
-        if scale is None:
-            raise ValueError(f"resume_from checkpoint '{resume_from}' holds no scale_factor; is it a diffusion checkpoint?")
-        logger.info(f"latent scale factor {float(scale):.6f}, from {resume_from}")
-        return float(scale)
-    autoencoder.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(data_loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            images, _ = default_prepare_batch(batch, device)
-            z = autoencoder.encode_stage_2_inputs(images).double()
-            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the same value on every rank
-        sums = torch.tensor([total, total_sq, count], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(sums)
-        total, total_sq, count = sums[0].item(), sums[1].item(), int(sums[2].item())
-    if count == 0:
-        raise ValueError("the training data loader gave no batch; cannot compute the latent scale factor.")
-    std = math.sqrt(max(total_sq / count - (total / count) ** 2, 0.0))
-    if not std > 0:
-        raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
-    scale = 1.0 / std
-    logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {count} latent values)")
-    return scale
-
-
 def shutdown_distributed() -> None:
     """Destroy the process group once the config's objects (and the DistributedDataParallel wrappers
     they hold) are gone: a wrapper still alive at interpreter exit, after the group is destroyed,
@@ -378,39 +338,3 @@ def shutdown_distributed() -> None:
     gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequence[int]) -> list[int]:
-    """The latent spatial shape, if the diffusion UNet can halve it once per level below the top."""
-    multiple = 2 ** (len(diffusion_channels) - 1)
-    if any(s % multiple for s in latent_shape):
-        raise ValueError(
-            f"the latent shape {list(latent_shape)} (patch_size over the total factor) is not divisible by "
-            f"{multiple}, which the diffusion UNet with diffusion_channels {list(diffusion_channels)} needs; "
-            f"use a larger patch_size, smaller downsample_factors, or fewer diffusion levels."
-        )
-    return list(latent_shape)
-
-
-class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
-    """MONAI's ``DiffusionPrepareBatch`` with noise of the latent's shape, derived from the factors."""
-
-    def __init__(self, num_train_timesteps: int, autoencoder: FactorAutoencoderKL) -> None:
-        super().__init__(num_train_timesteps)
-        self.autoencoder = autoencoder
-
-    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
-        shape = (images.shape[0], self.autoencoder.latent_channels, *self.autoencoder.latent_shape(images.shape[2:]))
-        return torch.randn(shape, device=images.device)
-
-
-class LatentDiffusionTrainingInferer(LatentDiffusionInferer):
-    """``LatentDiffusionInferer`` with its frozen autoencoder bound, so MONAI's ``SupervisedTrainer``
-    (which passes the trained network second) can call it as ``inferer(images, unet, noise=..., timesteps=...)``."""
-
-    def __init__(self, autoencoder: nn.Module, scheduler: Any, scale_factor: float) -> None:
-        super().__init__(scheduler=scheduler, scale_factor=scale_factor)
-        self.autoencoder = autoencoder
-
-    def __call__(self, inputs: torch.Tensor, diffusion_model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        return super().__call__(inputs, self.autoencoder, diffusion_model, *args, **kwargs)

@@ -341,8 +341,10 @@ class GenerationEvaluator(SupervisedEvaluator):
     """Sample one volume per item of ``val_data_loader`` (``{"index": i}``): noise of the latent shape
     from a generator seeded by ``(seed, i)``, ``num_inference_steps`` DDIM steps through
     ``LatentDiffusionInferer.sample`` (which divides by the latent scale factor saved with the
-    diffusion model), decode, and write NIfTI with the training voxel spacing. The same seed writes
-    the same volumes; output names are claimed, so no run overwrites another's."""
+    diffusion model), decode, and write NIfTI with the training voxel spacing. With ``condition``,
+    one of the model's ``classes``, the samples are of that class, guided by classifier-free
+    guidance at ``guidance_scale`` (1: the conditioned prediction alone). The same seed writes the
+    same volumes; output names are claimed, so no run overwrites another's."""
 
     def __init__(
         self,
@@ -359,7 +361,13 @@ class GenerationEvaluator(SupervisedEvaluator):
         seed: int = 0,
         amp_dtype: torch.dtype | None = None,
         val_handlers: Sequence | None = None,
+        condition: str | None = None,
+        classes: Sequence[str] = (),
+        guidance_scale: float = 3.0,
     ) -> None:
+        self.label = check_condition(condition, classes)
+        if self.label is not None and not float(guidance_scale) >= 1.0:
+            raise ValueError(f"guidance_scale is {guidance_scale}; expected at least 1 (1: no guidance, 3: the default).")
         if not 1 <= int(num_inference_steps) <= scheduler.num_train_timesteps:  # with no step DDIM decodes the noise itself
             raise ValueError(
                 f"num_inference_steps is {num_inference_steps}; it must be at least 1 and at most "
@@ -381,6 +389,8 @@ class GenerationEvaluator(SupervisedEvaluator):
         self.spacing = tuple(spacing) if spacing is not None else (1.0,) * (len(self.latent_shape) - 1)
         self.seed = seed
         self.amp_dtype = amp_dtype
+        self.condition = condition
+        self.guidance_scale = float(guidance_scale)
         self.results = ResultsCSV(self.output_dir / "generated.csv")
 
     def _iteration(self, engine: Any, batchdata: list[dict]) -> dict:
@@ -391,6 +401,9 @@ class GenerationEvaluator(SupervisedEvaluator):
         noise = torch.randn((1, *self.latent_shape), generator=generator).to(self.state.device)
         self.network.eval()
         self.autoencoder.eval()
+        guided = {}
+        if self.label is not None:
+            guided = dict(conditioning=torch.tensor([self.label], device=self.state.device), cfg=self.guidance_scale)
         with torch.no_grad(), autocast(self.state.device, self.amp_dtype):
             image = self.inferer.sample(
                 input_noise=noise,
@@ -398,15 +411,29 @@ class GenerationEvaluator(SupervisedEvaluator):
                 diffusion_model=self.network,
                 scheduler=self.scheduler,
                 verbose=False,
+                **guided,
             )
         volume = image.float().clamp(0, 1)[0, 0].cpu().numpy()
         affine = np.diag([*self.spacing, 1.0])
         affine[:3, 3] = [-(n - 1) * s / 2 for n, s in zip(volume.shape, self.spacing)]
-        with claimed(self.output_dir / f"sample_seed{self.seed}_{index:04d}.nii.gz") as output:
+        name = f"sample_{self.condition}_seed{self.seed}_{index:04d}" if self.condition else f"sample_seed{self.seed}_{index:04d}"
+        with claimed(self.output_dir / f"{name}.nii.gz") as output:
             save_nifti_atomic(volume, affine, output)
         self.results.add(file=str(index), status="ok", seconds=f"{time.perf_counter() - start:.3f}", output=str(output))
         logger.info(f"wrote {output}")
         return {}
+
+
+def check_condition(condition: str | None, classes: Sequence[str]) -> int | None:
+    """The class label of ``condition`` among the model's ``classes`` (None: unconditional), refusing a
+    class the model does not know, or any class for an unconditional model."""
+    if condition is None or (isinstance(condition, str) and condition.lower() in ("none", "null")):
+        return None
+    if not classes:
+        raise ValueError(f"condition '{condition}' was given, but the diffusion model is unconditional (it records no classes).")
+    if str(condition) not in list(classes):
+        raise ValueError(f"condition '{condition}' is not a class of the diffusion model; its classes are {list(classes)}.")
+    return list(classes).index(str(condition))
 
 
 def finish(evaluator: Any) -> None:
@@ -421,14 +448,3 @@ def finish(evaluator: Any) -> None:
     if failures:
         logger.error(f"{len(failures)} of {total} failed: " + "; ".join(f"{r['file']}: {r['error']}" for r in failures))
         raise SystemExit(1)
-
-
-def latent_noise_shape(latent_channels: int, spatial_shape: Sequence[int], multiple: Sequence[int]) -> list[int]:
-    """The latent shape (channels first) that decodes to ``spatial_shape``, refusing sizes the
-    network cannot produce."""
-    if any(s % m for s, m in zip(spatial_shape, multiple)):
-        raise ValueError(
-            f"image_size {list(spatial_shape)} is not divisible by {list(multiple)}, the total factor per axis; "
-            f"use e.g. {[math.ceil(s / m) * m for s, m in zip(spatial_shape, multiple)]}."
-        )
-    return [latent_channels, *(s // m for s, m in zip(spatial_shape, multiple))]

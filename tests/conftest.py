@@ -68,6 +68,7 @@ TINY_TRAIN = dict(
     adv_weight=0.01,  # the critic's code paths (off by default)
 )
 TINY_DIFFUSION = dict(
+    image_size=[16, 16, 16],
     diffusion_channels=[8, 8],
     diffusion_attention_levels=[False, False],
     diffusion_num_head_channels=8,
@@ -220,41 +221,51 @@ def trained_autoencoder(tmp_path_factory, tiny_dataset) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_diffusion(tmp_path_factory, tiny_dataset, trained_autoencoder) -> dict:
-    """A tiny diffusion model trained for one epoch on the latents of ``trained_autoencoder``.
+    """A tiny class-conditioned diffusion model trained for one epoch on the latents of
+    ``trained_autoencoder``, the tiny dataset's volumes labelled "a" or "b" in a datalist JSON.
 
-    ``scripts.engines.latent_scale_factor`` is observed while it runs: the batches it is given and
-    the torch RNG state before each encoding (the VAE samples its latents), so a test can recompute
-    the scale factor from the training data with its own copy of the autoencoder."""
-    import scripts.engines
+    ``scripts.diffusion.encode_volumes`` is observed while it runs (the volumes it is given and the
+    latents it returns), so a test can recompute the latents and the scale factor with its own copy
+    of the autoencoder."""
+    import json
+
+    import scripts.diffusion
 
     tmp = tmp_path_factory.mktemp("trained_diffusion")
+    data = tmp / "data"
+    data.mkdir()
+    items = []
+    for i, path in enumerate(sorted(Path(tiny_dataset).glob("*.nii.gz"))):
+        (data / path.name).write_bytes(path.read_bytes())
+        items.append({"image": path.name, "class": "ab"[i % 2]})
+    (data / "datalist.json").write_text(json.dumps({"training": items}))
     overrides = train_overrides(
         tmp,
-        tiny_dataset,
+        data,
         downsample_factors=[2, 2],
         autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
+        condition_key="class",
         **TINY_DIFFUSION,
     )
-    seen = {"images": [], "rng_states": [], "calls": 0}
-    original = scripts.engines.latent_scale_factor
+    seen = {"images": [], "calls": 0}
+    original = scripts.diffusion.encode_volumes
 
-    def observed(autoencoder, data_loader, device, max_batches=None, resume_from=None):
+    def observed(autoencoder, data_loader, device, flips=True):
         def batches():
             for batch in data_loader:
                 seen["images"].append(batch["image"].as_tensor().clone())
-                seen["rng_states"].append(torch.get_rng_state())
                 yield batch
 
         seen["calls"] += 1
-        seen["result"] = original(autoencoder, batches(), device, max_batches, resume_from)
-        return seen["result"]
+        seen["latents"] = original(autoencoder, batches(), device, flips)
+        return seen["latents"]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scripts.engines, "latent_scale_factor", observed)
+        patch.setattr(scripts.diffusion, "encode_volumes", observed)
         workflow = run_workflow(DIFFUSION_CONFIGS, **overrides)
     out = tmp / "out"
     assert (out / "model.pt").is_file()
-    return {"dir": out, "ckpt": out / "model.pt", "overrides": overrides, "workflow": workflow, "scale_factor_inputs": seen}
+    return {"dir": out, "ckpt": out / "model.pt", "data": data, "overrides": overrides, "workflow": workflow, "encoded": seen}
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
 
 
 def batch_record(batch: dict) -> dict:
-    image = batch["image"]
+    image = batch["image"] if "image" in batch else batch["z_mu"]  # the diffusion trains on encoded latents
     meta = getattr(image, "meta", {})
     files = meta.get("filename_or_obj", [])
     files = [files] if isinstance(files, str) else list(files)

@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 
 from scripts import pack  # noqa: E402
 from scripts.checkpoints import load_network  # noqa: E402
+from scripts.diffusion import ClassConditionedDiffusionModelUNet  # noqa: E402
 
 NAME = pack.BUNDLE_NAME
 META = REPO / "configs" / "metadata.json"
@@ -46,10 +47,9 @@ WEIGHTS = (
     "models/model.pt",
     "models/model_autoencoder_8x.pt",
     "models/model_autoencoder_16x.pt",
-    "models/diffusion_autoencoder.pt",
 )
 TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 16}
-TINY_DIFFUSION = {"diffusion_channels": [32, 32], "diffusion_attention_levels": [False, False]}
+TINY_DIFFUSION = {"diffusion_channels": [32, 32], "diffusion_attention_levels": [False, False], "diffusion_num_res_blocks": 1}
 TINY_LATENT = [4, 4, 4]  # the latent of a 16^3 patch at the default total factor 4
 
 
@@ -98,30 +98,38 @@ def parser_for(config: Path, **overrides) -> ConfigParser:
 
 def make_checkpoints(bundle: Path) -> None:
     """Tiny weights at the paths of large_files.yml, in the format the configs load: the
-    autoencoders as inference_autoencoder.yaml builds them, the diffusion pair as inference.yaml does."""
+    autoencoders as inference_autoencoder.yaml builds them, model.pt as diffusion training writes it
+    (on the latents of the 4x autoencoder)."""
     torch.manual_seed(0)
     models = bundle / "models"
     models.mkdir(exist_ok=True)
-    parser = parser_for(bundle / "configs" / "inference.yaml", **TINY_AE, **TINY_DIFFUSION)
-    ae_args = parser.get_parsed_content("autoencoder_args")
-    ae = parser.get_parsed_content("autoencoder_def")
-    torch.save({"autoencoder": ae.state_dict(), "autoencoder_args": ae_args}, models / "diffusion_autoencoder.pt")
-    unet = parser.get_parsed_content("network_def")
-    torch.save(
-        {
-            "diffusion": unet.state_dict(),
-            "diffusion_args": parser.get_parsed_content("diffusion_args"),
-            "autoencoder_args": ae_args,
-            "scale_factor": 1.0,
-            "spacing": [2.0, 2.0, 2.0],
-            "latent_shape": TINY_LATENT,
-        },
-        models / "model.pt",
-    )
     for name, factors in (("model_autoencoder.pt", [2, 2]), ("model_autoencoder_8x.pt", [4, 2]), ("model_autoencoder_16x.pt", [4, 4])):
         recon = parser_for(bundle / "configs" / "inference_autoencoder.yaml", **TINY_AE, downsample_factors=factors)
         network = recon.get_parsed_content("autoencoder_def")
         torch.save({"autoencoder": network.state_dict(), "autoencoder_args": recon.get_parsed_content("autoencoder_args")}, models / name)
+    diffusion_args = dict(
+        spatial_dims=3, in_channels=TINY_AE["latent_channels"], out_channels=TINY_AE["latent_channels"], channels=[32, 32],
+        attention_levels=[False, False], num_res_blocks=1, num_head_channels=32, norm_num_groups=32, num_class_embeds=None,
+        use_flash_attention=True,
+    )
+    unet = ClassConditionedDiffusionModelUNet(**diffusion_args)
+    torch.save(
+        {
+            "diffusion": unet.state_dict(),
+            "diffusion_args": diffusion_args,
+            "autoencoder_args": torch.load(models / "model_autoencoder.pt", weights_only=True)["autoencoder_args"],
+            "scale_factor": 1.0,
+            "noise_schedule": {
+                "num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195,
+                "prediction_type": "v_prediction",
+            },
+            "classes": [],
+            "spacing": [2.0, 2.0, 2.0],
+            "image_size": [4 * s for s in TINY_LATENT],
+            "latent_shape": TINY_LATENT,
+        },
+        models / "model.pt",
+    )
 
 
 def copy_bundle(source: Path, target: Path) -> Path:
@@ -253,7 +261,7 @@ def test_verify_metadata_rejects_a_broken_file(schema, tmp_path):
 
 def test_metadata_versions_match_requirements():
     meta = load_meta()
-    assert meta["version"] == "0.3.0" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.4.0" and meta["version"] in meta["changelog"]
     requirements = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -310,7 +318,7 @@ def test_metadata_shapes_match_the_configs():
     d_format = meta["diffusion_data_format"]
     for spec in (d_format["inputs"]["latent"], d_format["outputs"]["pred"]):
         assert spec["spatial_shape"] == list(saved_latent)
-        assert spec["num_channels"] == diffusion["in_channels"] == diffusion["out_channels"] == generate["latent_channels"]
+        assert spec["num_channels"] == diffusion["in_channels"] == diffusion["out_channels"]
 
 
 def test_large_files_lists_every_weight():
@@ -509,7 +517,7 @@ def test_pack_is_deterministic_and_holds_the_bundle(bundle, tmp_path):
         (other / name).parent.mkdir(parents=True, exist_ok=True)
         (other / name).write_bytes(b"junk")
     second = pack.pack(other, tmp_path / "b")
-    assert first.name == f"{NAME}_v0.3.0.zip"
+    assert first.name == f"{NAME}_v0.4.0.zip"
     assert first.read_bytes() == second.read_bytes()
 
     names = zip_names(first)

@@ -52,15 +52,27 @@ def test_shipped_autoencoders_load_with_their_overlay(overlay, ckpt):
         assert settings[key] == saved["preprocessing"][key], key
 
 
-def test_sampling_config_loads_the_shipped_diffusion_pair():
-    """inference.yaml describes model.pt and the autoencoder it was trained with (GroupNorm, 3 latent
-    channels), and the default norm channel would refuse that autoencoder, naming both norms."""
+def test_sampling_config_builds_the_shipped_pair_from_model_pt():
+    """inference.yaml needs no network keys: it builds both networks from the arguments model.pt
+    records, loads the shipped 4x autoencoder against them, and samples at the size model.pt learned."""
     parser = parse("configs/inference.yaml", device=torch.device("cpu"))
-    for step in ("load_autoencoder", "diffusion_checkpoint", "check_pair", "latent_shape"):
+    shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=True)
+    for step in ("load_diffusion", "load_autoencoder", "latent_shape"):
         parser.get_parsed_content(step)
+    assert parser.get_parsed_content("diffusion_args") == shipped["diffusion_args"]
+    assert parser.get_parsed_content("classes") == shipped["classes"] == ["EPI", "T1", "T2"]
+    image_size = shipped["image_size"]
+    assert parser.get_parsed_content("latent_shape") == [16, *(s // 4 for s in image_size)]
+    assert parser.get_parsed_content("scheduler").prediction_type == shipped["noise_schedule"]["prediction_type"]
+
+
+def test_sampling_refuses_an_autoencoder_other_than_model_pts(tmp_path):
     with pytest.raises(Exception) as info:
-        parse("configs/inference.yaml", device=torch.device("cpu"), norm="channel").get_parsed_content("load_autoencoder")
-    assert "trained with norm='group', but the config has norm='channel'" in _chained(info.value)
+        parse(
+            "configs/inference.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(REPO / "models" / "model_autoencoder_8x.pt")
+        ).get_parsed_content("load_autoencoder")
+    assert "(the autoencoder of diffusion_ckpt)" in _chained(info.value)
+    assert "was trained with" in _chained(info.value)
 
 
 def test_reconstruction_config_network_defaults_to_what_training_writes():
@@ -141,17 +153,20 @@ def test_an_older_checkpoint_without_preprocessing_keeps_the_defaults(tmp_path):
 
 
 def test_sampling_reads_the_noise_schedule_of_model_pt(tmp_path, caplog):
-    """A model trained with 500 steps is sampled over 500; model.pt without a noise_schedule (the
-    shipped one) keeps the 1000-step schedule; an override that differs is a warning naming both."""
+    """A model trained with 500 steps is sampled over 500; a model.pt without a noise_schedule (from
+    before it was recorded) gets the 1000-step epsilon schedule; an override that differs is a
+    warning naming both."""
     shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert "noise_schedule" not in shipped
-    parser = parse("configs/inference.yaml", device=torch.device("cpu"))
-    assert parser.get_parsed_content("scheduler").num_train_timesteps == 1000
-    schedule = {"num_train_timesteps": 500, "schedule": "linear_beta", "beta_start": 0.001, "beta_end": 0.02}
+    assert shipped["noise_schedule"]["num_train_timesteps"] == 1000
+    older = tmp_path / "model_older.pt"
+    torch.save({k: v for k, v in shipped.items() if k != "noise_schedule"}, older)
+    scheduler = parse("configs/inference.yaml", device=torch.device("cpu"), diffusion_ckpt=str(older)).get_parsed_content("scheduler")
+    assert scheduler.num_train_timesteps == 1000 and scheduler.prediction_type == "epsilon"
+    schedule = {"num_train_timesteps": 500, "schedule": "linear_beta", "beta_start": 0.001, "beta_end": 0.02, "prediction_type": "v_prediction"}
     path = tmp_path / "model_500.pt"
     torch.save(dict(shipped, noise_schedule=schedule), path)
     scheduler = parse("configs/inference.yaml", device=torch.device("cpu"), diffusion_ckpt=str(path)).get_parsed_content("scheduler")
-    assert scheduler.num_train_timesteps == 500
+    assert scheduler.num_train_timesteps == 500 and scheduler.prediction_type == "v_prediction"
     torch.testing.assert_close(scheduler.betas, torch.linspace(0.001, 0.02, 500))
     caplog.set_level("WARNING")
     parser = parse("configs/inference.yaml", device=torch.device("cpu"), diffusion_ckpt=str(path), num_train_timesteps=1000)
@@ -162,8 +177,11 @@ def test_sampling_reads_the_noise_schedule_of_model_pt(tmp_path, caplog):
 def test_diffusion_training_saves_its_noise_schedule():
     train = parse("configs/train_autoencoder.yaml", "configs/train_diffusion.yaml", num_train_timesteps=500)
     saved = train.get_parsed_content("diffusion_checkpoint#noise_schedule")
-    assert saved == {"num_train_timesteps": 500, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
-    assert train.get_parsed_content("noise_scheduler").num_train_timesteps == 500
+    assert saved == {
+        "num_train_timesteps": 500, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195, "prediction_type": "v_prediction",
+    }
+    scheduler = train.get_parsed_content("noise_scheduler")
+    assert scheduler.num_train_timesteps == 500 and scheduler.prediction_type == "v_prediction"
 
 
 def _chained(error: BaseException) -> str:

@@ -477,3 +477,29 @@ def test_volume_too_large_once_resampled_is_refused_from_its_header(tmp_path):
     # within the limit, or without one, the same file goes through
     small = Compose(data.preprocessing(1, [8.0, 8.0, 8.0], "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4), max_voxels=200_000))
     assert small({"image": str(path)})["image"].shape[1:] == (48, 48, 48)
+
+
+def test_datalist_keeps_each_volumes_class(tmp_path):
+    write_volume(tmp_path / "a.nii.gz", phantom((16, 16, 16)))
+    write_volume(tmp_path / "b.nii.gz", phantom((16, 16, 16), seed=1))
+    (tmp_path / "datalist.json").write_text(
+        json.dumps({"training": [{"image": "a.nii.gz", "class": "T2"}, {"image": "b.nii.gz", "class": "T1"}]})
+    )
+    items = data.list_volumes(tmp_path)
+    assert [(Path(i["image"]).name, i["class"]) for i in items] == [("a.nii.gz", "T2"), ("b.nii.gz", "T1")]
+    classes = data.class_names(items, "class")
+    assert classes == ["T1", "T2"]  # sorted: the labels do not depend on the datalist's order
+    assert [i["class_index"] for i in data.with_class_index(items, "class", classes)] == [1, 0]
+    # unconditional: no classes, the datalist unchanged
+    assert data.class_names(items, None) == [] and data.with_class_index(items, None, []) == items
+
+
+def test_a_volume_without_its_class_is_refused_by_name():
+    items = [{"image": "/data/a.nii.gz", "class": "T1"}, {"image": "/data/b.nii.gz"}]
+    with pytest.raises(ValueError) as info:
+        data.class_names(items, "class")
+    message = str(info.value)
+    assert "condition_key is 'class', but 1 volume(s) have no 'class'" in message and "'/data/b.nii.gz'" in message
+    assert "or set condition_key to null" in message
+    with pytest.raises(ValueError, match="volume '/data/a.nii.gz' has class 'T1', which is not one of the classes \\['T2'\\]"):
+        data.with_class_index(items[:1], "class", ["T2"])

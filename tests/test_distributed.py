@@ -235,18 +235,21 @@ def test_diffusion_on_two_processes(diffusion_worker):
     report = job_result(diffusion_worker)
     ranks = report["ranks"]
     check_identical_weights_and_different_data(report, ["diffusion"], iterations=2)
-    # the latent scale factor is reduced over both shards: the same value on every rank
+    # every rank encodes all training volumes: the same latent scale factor on every rank
     scales = [r["scale_factor"] for r in ranks]
     assert scales[0] == scales[1] and scales[0] > 0, scales
-    # rank 0 alone wrote one model.pt, holding that value and the trained UNet
+    # rank 0 alone wrote one model.pt (the moving average) and one checkpoint_last.pt (the trained UNet)
     tmp = diffusion_worker["tmp"]
     out = Path(diffusion_worker["job"]["overrides"]["output_dir"])
     assert sorted(tmp.rglob("model.pt")) == [out / "model.pt"]
     model = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    assert model["scale_factor"] == scales[0]
-    unet = DiffusionModelUNet(**model["diffusion_args"])
-    unet.load_state_dict(model["diffusion"])  # the bare UNet's keys, not DDP's "module." ones
+    last = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert model["scale_factor"] == last["scale_factor"] == scales[0]
+    unet = DiffusionModelUNet(**{k: v for k, v in last["diffusion_args"].items() if k != "num_class_embeds"})
+    unet.load_state_dict(last["diffusion"])  # the bare UNet's keys, not DDP's "module." ones
     assert sha256_of_parameters(unet) == ranks[0]["params"]["diffusion"]["sha256"]
+    unet.load_state_dict(model["diffusion"])
+    assert sha256_of_parameters(unet) != ranks[0]["params"]["diffusion"]["sha256"]
     assert model["autoencoder_args"]["channels"] == diffusion_worker["job"]["overrides"]["channels"]
     logged = [line for line in diffusion_worker["result"].stdout.splitlines() if "latent scale factor 1/std" in line]
     assert len(logged) == NPROC and len({line.split(" - ")[-1] for line in logged}) == 1, logged

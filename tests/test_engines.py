@@ -1,6 +1,6 @@
 """Tests for scripts/engines.py: the VAE-GAN trainer (exact gradient accumulation, the non-finite
-guard), precision selection, the latent scale factor, the UNet fit check and the per-epoch
-reseeding. The losses themselves: tests/test_losses.py."""
+guard), precision selection and the per-epoch reseeding. The losses themselves:
+tests/test_losses.py; the diffusion model's pieces: tests/test_diffusion.py."""
 
 from __future__ import annotations
 
@@ -17,15 +17,8 @@ from monai.transforms import RandSpatialCropd
 
 from conftest import TINY_AUTOENCODER
 from scripts import engines
-from scripts.checkpoints import save_atomic
 from scripts.losses import build_auxiliary_losses
-from scripts.engines import (
-    AutoencoderKLTrainer,
-    EpochSeed,
-    autocast_dtype,
-    check_latent_fits_unet,
-    latent_scale_factor,
-)
+from scripts.engines import AutoencoderKLTrainer, EpochSeed, autocast_dtype
 from scripts.networks import FactorAutoencoderKL
 
 PATCH = (16, 16, 16)
@@ -202,46 +195,6 @@ def test_autocast_dtype():
     assert autocast_dtype("bf16", "cuda") is torch.bfloat16
     assert autocast_dtype("fp16", "cuda:0") is torch.float16
     assert autocast_dtype(None, "cuda") is None
-
-
-class _Exploding:
-    def __iter__(self):
-        raise AssertionError("a resumed run must not recompute the scale factor")
-
-
-def test_latent_scale_factor_is_one_over_latent_std(tmp_path):
-    ae, _ = tiny_pair()
-    items = [{"image": torch.rand(1, *PATCH) * (i + 1)} for i in range(4)]
-    loader = DataLoader(items, batch_size=2, shuffle=False)
-    torch.manual_seed(11)
-    scale = latent_scale_factor(ae, loader, "cpu")
-    torch.manual_seed(11)
-    with torch.no_grad():
-        z = torch.cat([ae.encode_stage_2_inputs(b["image"]) for b in loader]).double()
-    assert scale == pytest.approx(1.0 / z.std(unbiased=False).item(), rel=1e-6)
-    # max_batches: only the first batch
-    torch.manual_seed(11)
-    first = latent_scale_factor(ae, loader, "cpu", max_batches=1)
-    assert first == pytest.approx(1.0 / z[:2].std(unbiased=False).item(), rel=1e-6)
-    assert first != pytest.approx(scale)
-
-    resume = tmp_path / "checkpoint_last.pt"
-    save_atomic({"diffusion": {}, "scale_factor": 0.125}, resume)
-    assert latent_scale_factor(ae, _Exploding(), "cpu", resume_from=str(resume)) == 0.125
-    save_atomic({"autoencoder": {}}, tmp_path / "ae.pt")
-    with pytest.raises(ValueError, match=f"'{tmp_path / 'ae.pt'}' holds no scale_factor"):
-        latent_scale_factor(ae, _Exploding(), "cpu", resume_from=str(tmp_path / "ae.pt"))
-    with pytest.raises(ValueError, match="gave no batch"):
-        latent_scale_factor(ae, [], "cpu")
-
-
-def test_check_latent_fits_unet():
-    assert check_latent_fits_unet((4, 4, 2), [8, 8]) == [4, 4, 2]
-    with pytest.raises(ValueError) as info:
-        check_latent_fits_unet((8, 8, 6), [64, 128, 128])
-    message = str(info.value)
-    assert "latent shape [8, 8, 6]" in message and "not divisible by 4" in message
-    assert "diffusion_channels [64, 128, 128]" in message and "patch_size" in message
 
 
 def test_log_network_summary_line(caplog):

@@ -36,7 +36,7 @@ from conftest import (
 )
 from scripts import data
 from scripts.checkpoints import save_atomic
-from scripts.inference import LatentEncoder, TiledInferer, _tiles
+from scripts.inference import LatentEncoder, TiledInferer, _tiles, check_condition
 from scripts.metrics import body_mask, masked_quality
 from scripts.networks import FactorAutoencoderKL, Reconstructor
 
@@ -682,38 +682,44 @@ def test_tiled_matches_whole_volume_reconstruction(tmp_path, trained_autoencoder
 # diffusion training on the latents
 
 
-def test_diffusion_checkpoint_and_scale_factor(trained_diffusion, trained_autoencoder):
+def test_diffusion_checkpoint_latents_and_scale_factor(trained_diffusion, trained_autoencoder):
     ckpt = torch.load(trained_diffusion["ckpt"], map_location="cpu", weights_only=True)
     assert {"diffusion", "diffusion_args", "autoencoder_args", "scale_factor", "spacing", "latent_shape"} <= set(ckpt)
     ae_ckpt = torch.load(trained_autoencoder["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["autoencoder_args"] == ae_ckpt["autoencoder_args"]
     assert ckpt["diffusion_args"]["channels"] == [8, 8] and ckpt["diffusion_args"]["norm_num_groups"] == 8
     assert ckpt["diffusion_args"]["in_channels"] == 16
-    assert ckpt["spacing"] == SPACING and ckpt["latent_shape"] == [4, 4, 4]
+    assert ckpt["classes"] == ["a", "b"] and ckpt["condition_key"] == "class"
+    assert ckpt["diffusion_args"]["num_class_embeds"] == 3  # a, b and "no class"
+    assert ckpt["noise_schedule"]["prediction_type"] == "v_prediction"
+    assert ckpt["spacing"] == SPACING and ckpt["latent_shape"] == [4, 4, 4] and ckpt["image_size"] == [16, 16, 16]
 
-    # recompute 1/std of the training latents with an independent copy of the autoencoder, from
-    # the batches the run used and the same VAE sampling noise
-    seen = trained_diffusion["scale_factor_inputs"]
-    assert seen["calls"] == 1 and len(seen["images"]) == 3  # the three training volumes, once each
+    # every volume encoded once, and its left-right mirror image: recompute them with an
+    # independent copy of the autoencoder
+    seen = trained_diffusion["encoded"]
+    assert seen["calls"] == 1 and len(seen["images"]) == 4  # all four volumes: diffusion training holds none out
     assert all(tuple(img.shape) == (1, 1, 16, 16, 16) for img in seen["images"])
+    latents = seen["latents"]
+    assert len(latents) == 8 and sorted(item["class_index"] for item in latents) == [0, 0, 0, 0, 1, 1, 1, 1]
     autoencoder = FactorAutoencoderKL(**ae_ckpt["autoencoder_args"])
     autoencoder.load_state_dict(ae_ckpt["autoencoder"])
     autoencoder.eval()
-    latents = []
     with torch.no_grad():
-        for image, state in zip(seen["images"], seen["rng_states"]):
-            torch.set_rng_state(state)
-            latents.append(autoencoder.encode_stage_2_inputs(image).double())
-    expected = 1.0 / torch.cat(latents).std(unbiased=False).item()
-    assert isinstance(ckpt["scale_factor"], float)
-    assert ckpt["scale_factor"] == pytest.approx(expected, rel=1e-6)
-    assert ckpt["scale_factor"] == pytest.approx(seen["result"], rel=1e-12)
-    # ... and it is what the trainer's inferer scaled the latents with
-    inferer = trained_diffusion["workflow"].parser.get_parsed_content("train#inferer")
-    assert inferer.scale_factor == ckpt["scale_factor"]
-    # the diffusion network trained (its weights are not the initial ones)
+        for i, image in enumerate(seen["images"]):
+            for view, item in zip((image, image.flip(2)), latents[2 * i : 2 * i + 2]):
+                z_mu, z_sigma = autoencoder.encode(view)
+                torch.testing.assert_close(item["z_mu"], z_mu[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(item["z_sigma"], z_sigma[0], rtol=1e-5, atol=1e-6)
+    mu = torch.cat([item["z_mu"].double().flatten() for item in latents])
+    sigma = torch.cat([item["z_sigma"].double().flatten() for item in latents])
+    expected = 1.0 / math.sqrt(mu.var(unbiased=False).item() + sigma.pow(2).mean().item())
+    assert isinstance(ckpt["scale_factor"], float) and ckpt["scale_factor"] == pytest.approx(expected, rel=1e-9)
+    # ... and it is what the training batches were scaled with
+    prepare = trained_diffusion["workflow"].parser.get_parsed_content("train#prepare_batch")
+    assert prepare.scale_factor == ckpt["scale_factor"]
+    # the diffusion network trained: one epoch over the eight latents, batch size 1
     trainer = trained_diffusion["workflow"].parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 3 and np.isfinite(trainer.state.metrics["train_loss"])
+    assert trainer.state.iteration == 8 and np.isfinite(trainer.state.metrics["train_loss"])
 
 
 def test_diffusion_refuses_an_autoencoder_of_other_factors(tmp_path, tiny_dataset):
@@ -733,11 +739,8 @@ def test_diffusion_refuses_an_autoencoder_of_other_factors(tmp_path, tiny_datase
 
 
 def generate_overrides(output_dir, trained_autoencoder, diffusion_ckpt, seed=0, **overrides):
+    """Sampling builds its networks from model.pt: only the files and the run's settings are given."""
     values = dict(
-        NET,
-        **TINY_DIFFUSION,
-        norm="channel",  # a pair trained with the defaults (the sampling config describes the shipped, older pair)
-        shortcut=True,
         bundle_root=str(REPO),
         output_dir=str(output_dir),
         autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
@@ -745,13 +748,15 @@ def generate_overrides(output_dir, trained_autoencoder, diffusion_ckpt, seed=0, 
         num_samples=2,
         num_inference_steps=5,
         seed=seed,
+        mixed_precision=None,
     )
     values.update(overrides)
     return values
 
 
-def samples(folder, seed, suffix=""):
-    paths = [folder / f"sample_seed{seed}_{i:04d}{suffix}.nii.gz" for i in range(2)]
+def samples(folder, seed, suffix="", condition=None):
+    prefix = f"sample_{condition}_seed{seed}" if condition else f"sample_seed{seed}"
+    paths = [folder / f"{prefix}_{i:04d}{suffix}.nii.gz" for i in range(2)]
     return [nib.load(p) for p in paths]
 
 
@@ -803,14 +808,54 @@ def test_generation_uses_the_saved_scale_factor(tmp_path, trained_autoencoder, t
     assert np.abs(arrays["saved"] - arrays["rescaled"]).max() > 1e-3
 
 
-def test_generation_refuses_image_size_off_the_factor(tmp_path, trained_autoencoder, trained_diffusion):
+@pytest.mark.parametrize("size", [[16, 16, 18], [16, 16, 20]])
+def test_generation_refuses_an_image_size_the_networks_cannot_make(tmp_path, trained_autoencoder, trained_diffusion, size):
+    """18 is off the autoencoder's factor 4; 20 is on it, but its latent (5) cannot be halved by the
+    two-level UNet: both refused before sampling, naming the multiple and a size that fits."""
     workflow = make_workflow(
-        GENERATE_CONFIG, **generate_overrides(tmp_path, trained_autoencoder, trained_diffusion["ckpt"], image_size=[16, 16, 18])
+        GENERATE_CONFIG, **generate_overrides(tmp_path, trained_autoencoder, trained_diffusion["ckpt"], image_size=size)
     )
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    assert "image_size [16, 16, 18] is not divisible by [4, 4, 4]" in error_text(info.value)
+    text = error_text(info.value)
+    assert f"image_size {size} does not fit the networks: each axis must be a multiple of [8, 8, 8]" in text
+    assert "use e.g. [16, 16, 24]" in text
     assert not list(tmp_path.glob("sample_*"))
+
+
+def test_generation_of_a_class_is_guided_and_reproducible(tmp_path, trained_autoencoder, trained_diffusion):
+    ckpt = trained_diffusion["ckpt"]
+    arrays = {}
+    for condition in ("a", "b"):
+        out = tmp_path / condition
+        run_workflow(GENERATE_CONFIG, **generate_overrides(out, trained_autoencoder, ckpt, condition=condition, guidance_scale=3.0))
+        arrays[condition] = [image.get_fdata() for image in samples(out, 0, condition=condition)]
+        assert [row["status"] for row in read_csv(out / "generated.csv")] == ["ok", "ok"]
+    # same seed, same noise: only the class differs, and the volumes follow it
+    assert not np.allclose(arrays["a"][0], arrays["b"][0])
+    again = tmp_path / "again"
+    run_workflow(GENERATE_CONFIG, **generate_overrides(again, trained_autoencoder, ckpt, condition="a", guidance_scale=3.0))
+    for first, second in zip(arrays["a"], samples(again, 0, condition="a")):
+        np.testing.assert_array_equal(first, second.get_fdata())
+
+
+def test_check_condition():
+    assert check_condition(None, ["a", "b"]) is None and check_condition("null", []) is None
+    assert check_condition("b", ["a", "b"]) == 1
+    with pytest.raises(ValueError, match="condition 'T1' was given, but the diffusion model is unconditional"):
+        check_condition("T1", [])
+    with pytest.raises(ValueError, match=r"its classes are \['a', 'b'\]"):
+        check_condition("c", ["a", "b"])
+
+
+def test_generation_refuses_a_class_the_model_does_not_know(tmp_path, trained_autoencoder, trained_diffusion):
+    workflow = make_workflow(
+        GENERATE_CONFIG, **generate_overrides(tmp_path / "out", trained_autoencoder, trained_diffusion["ckpt"], condition="T1")
+    )
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert "condition 'T1' is not a class of the diffusion model; its classes are ['a', 'b']" in error_text(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("steps", [0, -3])

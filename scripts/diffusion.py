@@ -1,0 +1,186 @@
+"""The latent diffusion model's pieces, built on MONAI's ``DiffusionModelUNet``,
+``DiffusionPrepareBatch`` and its inferers: a class-conditioned UNet that MONAI's inferers guide as
+they are, the training volumes encoded once into latents, the latent scale factor, the training
+batch (latents sampled and scaled, class labels dropped for classifier-free guidance), and the
+checks of latent and image sizes against the UNet, made before any training or sampling starts."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.engines.utils import DiffusionPrepareBatch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import Scheduler
+
+from scripts.checkpoints import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+NO_CLASS = -1  # the label of "no class": MONAI's cfg_fill_value default, what guidance fills the unconditioned half with
+
+
+class ClassConditionedDiffusionModelUNet(DiffusionModelUNet):
+    """MONAI's ``DiffusionModelUNet`` whose class label arrives as the condition of MONAI's inferers.
+
+    ``DiffusionInferer`` and ``LatentDiffusionInferer`` hand a condition to the network as ``context``
+    (cross-attention). With ``num_class_embeds`` set, this UNet reads an integer ``context`` of shape
+    (N,) as the class labels instead; its last embedding stands for "no class", given as label -1
+    (the ``cfg_fill_value`` that classifier-free guidance fills the unconditioned half with) or as
+    no context at all. So ``LatentDiffusionInferer.sample(..., conditioning=labels, cfg=scale)``
+    guides with MONAI's own sampling loop. Same arguments and weights as ``DiffusionModelUNet``;
+    with ``num_class_embeds=None`` it is that network.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if context is not None and not torch.is_floating_point(context):
+            context, class_labels = None, context.reshape(-1)
+        if self.num_class_embeds is None:
+            if class_labels is not None:
+                raise ValueError("this diffusion model is unconditional (num_class_embeds is None), but class labels were given.")
+        else:
+            no_class = self.num_class_embeds - 1
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), NO_CLASS, device=x.device, dtype=torch.long)
+            class_labels = class_labels.to(device=x.device, dtype=torch.long)
+            if bool(((class_labels < NO_CLASS) | (class_labels >= no_class)).any()):
+                raise ValueError(
+                    f"class labels {class_labels.tolist()} out of range: expected 0..{no_class - 1}, or {NO_CLASS} for no class."
+                )
+            class_labels = torch.where(class_labels == NO_CLASS, no_class, class_labels)
+        return super().forward(
+            x, timesteps, context, class_labels, down_block_additional_residuals, mid_block_additional_residual
+        )
+
+
+@torch.no_grad()
+def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, flips: bool = True) -> list[dict]:
+    """Every training volume through the frozen encoder once, and with ``flips`` its left-right
+    mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, kept on the
+    CPU with the volume's other keys (its class label). Training then samples latents from them at
+    each step and never runs the autoencoder again, so a step costs the UNet alone."""
+    autoencoder.eval()
+    latents: list[dict] = []
+    volumes = 0
+    for batch in data_loader:
+        images = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
+        images = images.to(device)
+        volumes += len(images)
+        for view in (images, images.flip(2)) if flips else (images,):
+            z_mu, z_sigma = autoencoder.encode(view)
+            for i in range(len(view)):
+                item = {"z_mu": z_mu[i].float().cpu(), "z_sigma": z_sigma[i].float().cpu()}
+                if "class_index" in batch:
+                    item["class_index"] = int(batch["class_index"][i])
+                latents.append(item)
+    if not latents:
+        raise ValueError("the training data loader gave no volume; nothing to train the diffusion model on.")
+    logger.info(f"encoded {volumes} training volume(s) into {len(latents)} latents of shape {list(latents[0]['z_mu'].shape)}")
+    return latents
+
+
+def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None) -> float:
+    """1 / std of the latents that training samples (mean ``z_mu``, spread ``z_sigma``): the latent
+    scale factor of ``LatentDiffusionInferer`` (Rombach et al.). Computed once at the start of
+    diffusion training and saved with the diffusion model; a run that continues a model.pt or a
+    checkpoint reuses its value."""
+    if resume_from is not None:
+        scale = load_checkpoint(resume_from, "checkpoint").get("scale_factor")
+        if scale is None:
+            raise ValueError(f"checkpoint '{resume_from}' holds no scale_factor; is it a diffusion model.pt or checkpoint?")
+        logger.info(f"latent scale factor {float(scale):.6f}, from {resume_from}")
+        return float(scale)
+    if not latents:
+        raise ValueError("no training latents; cannot compute the latent scale factor.")
+    mu = torch.cat([item["z_mu"].double().flatten() for item in latents])
+    sigma = torch.cat([item["z_sigma"].double().flatten() for item in latents])
+    std = math.sqrt(mu.var(unbiased=False).item() + sigma.pow(2).mean().item())  # of mu + sigma * noise
+    if not std > 0:
+        raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
+    scale = 1.0 / std
+    logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {mu.numel()} latent values)")
+    return scale
+
+
+def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequence[int]) -> list[int]:
+    """The latent spatial shape, if the diffusion UNet can halve it once per level below the top."""
+    multiple = 2 ** (len(diffusion_channels) - 1)
+    if any(s % multiple for s in latent_shape):
+        raise ValueError(
+            f"the latent shape {list(latent_shape)} (patch_size over the total factor) is not divisible by "
+            f"{multiple}, which the diffusion UNet with diffusion_channels {list(diffusion_channels)} needs; "
+            f"use a larger patch_size, smaller downsample_factors, or fewer diffusion levels."
+        )
+    return list(latent_shape)
+
+
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's ``DiffusionPrepareBatch`` over encoded latents (:func:`encode_volumes`): the batch's
+    latents sampled from their posterior (``z_mu + z_sigma * noise``, as ``encode_stage_2_inputs``
+    does) and multiplied by the latent scale factor, then noised for ``DiffusionInferer``, with the
+    target of the scheduler's ``prediction_type``. For a
+    class-conditioned model each item's class label (``condition_name``) is replaced by "no class"
+    with probability ``condition_dropout``: the model learns the unconditioned prediction beside the
+    conditioned one, which classifier-free guidance needs at sampling."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        scale_factor: float,
+        condition_name: str | None = None,
+        condition_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(scheduler.num_train_timesteps, condition_name)
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout!r}.")
+        self.scheduler = scheduler
+        self.scale_factor = float(scale_factor)
+        self.condition_dropout = condition_dropout
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to predict, as its scheduler's ``prediction_type`` says: the noise, or
+        the velocity (MONAI's ``VPredictionPrepareBatch``), which keeps few-step sampling stable."""
+        if self.scheduler.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        if self.scheduler.prediction_type != "epsilon":
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.scheduler.prediction_type!r}.")
+        return noise
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
+        z_mu = batchdata["z_mu"].to(device, non_blocking=non_blocking)
+        z_sigma = batchdata["z_sigma"].to(device, non_blocking=non_blocking)
+        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor
+        images, target, args, infer_kwargs = super().__call__(dict(batchdata, image=latents), device, non_blocking, **kwargs)
+        if "condition" in infer_kwargs and self.condition_dropout > 0:
+            labels = infer_kwargs["condition"].long()
+            dropped = torch.rand(labels.shape, device=labels.device) < self.condition_dropout
+            infer_kwargs["condition"] = torch.where(dropped, NO_CLASS, labels)
+        return images, target, args, infer_kwargs
+
+
+def latent_noise_shape(
+    latent_channels: int, image_size: Sequence[int], total_factor: Sequence[int], unet_levels: int
+) -> list[int]:
+    """The latent shape (channels first) that decodes to ``image_size``, refusing, before sampling
+    starts, a size that the autoencoder cannot produce or the diffusion UNet cannot halve once per
+    level below the top."""
+    multiple = [f * 2 ** (unet_levels - 1) for f in total_factor]
+    if any(s % m for s, m in zip(image_size, multiple)):
+        raise ValueError(
+            f"image_size {list(image_size)} does not fit the networks: each axis must be a multiple of "
+            f"{multiple} (the autoencoder's total factor {list(total_factor)} times 2^{unet_levels - 1} for "
+            f"the diffusion UNet's {unet_levels} levels); use e.g. {[math.ceil(s / m) * m for s, m in zip(image_size, multiple)]}."
+        )
+    return [latent_channels, *(s // f for s, f in zip(image_size, total_factor))]

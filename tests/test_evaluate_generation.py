@@ -1,0 +1,91 @@
+"""Tests for scripts/evaluate_generation.py: the Fréchet distance (MONAI's definition, without
+SciPy), MS-SSIM at the scales a volume allows, copy detection, and the command on the session's
+tiny class-conditioned diffusion model (conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import SSIMMetric
+
+from scripts import evaluate_generation as eg
+
+
+def test_frechet_distance_is_monais_and_grows_with_the_gap():
+    torch.manual_seed(0)
+    a = torch.randn(300, 6)
+    near, far = torch.randn(300, 6) * 1.1 + 0.1, torch.randn(300, 6) * 2 + 3
+    assert eg.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < eg.frechet_distance(a, near) < eg.frechet_distance(a, far)
+    try:
+        from monai.metrics import FIDMetric
+
+        expected = float(FIDMetric()(a.double(), near.double()))
+    except TypeError:  # newer SciPy: MONAI's FIDMetric passes sqrtm an argument it no longer takes
+        pytest.skip("MONAI's FIDMetric does not run with this SciPy")
+    assert eg.frechet_distance(a, near) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_rank_deficient_features_is_finite():
+    """A few volumes give fewer feature rows than dimensions: the covariances are singular."""
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 32), torch.randn(7, 32) + 1
+    value = eg.frechet_distance(a, b)
+    assert np.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("size, scales", [((128, 128, 128), 5), ((64, 64, 64), 4), ((16, 16, 16), 2)])
+def test_ms_ssim_uses_the_scales_the_volume_allows(size, scales):
+    metric = eg.ms_ssim_metric(size)
+    assert len(metric.weights) == scales and sum(metric.weights) == pytest.approx(1.0)
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, *size)
+    assert float(metric(x, x).mean()) == pytest.approx(1.0, abs=1e-4)
+    assert float(metric(x, torch.rand(1, 1, *size)).mean()) < 0.5
+
+
+def test_nearest_finds_a_copy():
+    torch.manual_seed(0)
+    train = [torch.rand(1, 16, 16, 16) for _ in range(3)]
+    samples = [train[1].clone(), torch.rand(1, 16, 16, 16)]
+    near = eg.nearest(samples, train, SSIMMetric(spatial_dims=3, data_range=1.0))
+    assert near[0] == pytest.approx(1.0, abs=1e-5) and near[1] < 0.5
+
+
+def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoencoder):
+    def argv(out, num_samples=2):
+        return [
+            "--diffusion_ckpt", str(trained_diffusion["ckpt"]),
+            "--autoencoder_ckpt", str(trained_autoencoder["ckpt"]),
+            "--feature_ckpt", str(trained_autoencoder["ckpt"]),
+            "--train_dir", str(trained_diffusion["data"]),
+            "--val_dir", str(trained_diffusion["data"]),
+            "--output_dir", str(out),
+            "--num_samples", str(num_samples),
+            "--num_inference_steps", "3",
+            "--device", "cpu",
+        ]  # fmt: skip
+
+    out = tmp_path / "eval"
+    assert eg.main(argv(out)) == 0
+    results = json.loads((out / "generation.json").read_text())
+    assert set(results["classes"]) == {"a", "b"}
+    for name, row in results["classes"].items():
+        assert row["samples"] == 2 and row["train_volumes"] == 2 and row["held_out_volumes"] == 2
+        # the held-out volumes are the training ones here: real against real is zero, noise is far
+        assert row["fd_real"] == pytest.approx(0.0, abs=1e-6) and row["fd_noise"] > 0
+        assert row["copies"] == 0 and 0 <= row["nearest_ssim_max"] <= 1
+        assert (out / f"grid_{name}.png").stat().st_size > 0
+        assert len(list((out / "samples" / name).glob(f"sample_{name}_seed0_*.nii.gz"))) == 2
+    assert "| a | 2 |" in (out / "generation.md").read_text()
+    # a second run into the same folder, or one sample (no diversity to measure), is refused before any work
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit):
+        eg.main(argv(out))
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(SystemExit):
+        eg.main(argv(tmp_path / "one", num_samples=1))
+    assert not (tmp_path / "one").exists()
