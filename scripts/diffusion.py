@@ -68,9 +68,9 @@ class ClassConditionedDiffusionModelUNet(DiffusionModelUNet):
 @torch.no_grad()
 def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, flips: bool = True) -> list[dict]:
     """Every training volume through the frozen encoder once, and with ``flips`` its left-right
-    mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, kept on the
-    CPU with the volume's other keys (its class label). Training then samples latents from them at
-    each step and never runs the autoencoder again, so a step costs the UNet alone."""
+    mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, kept in host
+    memory with the volume's class label (``class_index``). Training then samples latents from them
+    at each step and never runs the autoencoder again, so a step costs the UNet alone."""
     autoencoder.eval()
     latents: list[dict] = []
     volumes = 0
