@@ -138,10 +138,22 @@ def diffusion_step(
 
 
 def reconstruction(size: Sequence[int], overrides: dict, device: torch.device) -> Callable[[], Any]:
-    """Reconstruct one volume through configs/inference_autoencoder.yaml's network and inferer."""
+    """Reconstruct one volume through configs/inference_autoencoder.yaml's inferer, with the network
+    train_autoencoder.yaml defines (the one place its arguments live) under ``overrides``."""
+    train = ConfigParser()
+    train.read_config(str(BUNDLE_ROOT / "configs" / "train_autoencoder.yaml"))
+    train.update({k: v for k, v in overrides.items() if k not in ("roi_size", "sw_margin")})
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "inference_autoencoder.yaml"))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "device": device, **overrides})
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE_ROOT),
+            "device": device,
+            "autoencoder_args": train.get_parsed_content("autoencoder_args"),
+            "roi_size": overrides["roi_size"],
+            "sw_margin": overrides["sw_margin"],
+        }
+    )
     network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
     amp_dtype = parser.get_parsed_content("amp_dtype")
     network.eval()
@@ -280,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny networks and sizes, one step each: checks that it runs (CPU)")
     args = p.parse_args(argv)
-    # the networks: the reference autoencoder and discriminator, and the inference config's own network
+    # the networks: the reference autoencoder and discriminator, and the training config's own network for reconstruction
     args.network, args.discriminator_channels, args.recon_network = dict(REFERENCE_NETWORK), 32, {}
     if args.smoke:  # every network tiny too: the smoke run checks the code paths in seconds, not sizes
         args.size, args.recon_size, args.roi_size, args.sw_margin = [32, 32, 32], [32, 32, 24], [16, 16, 16], 4

@@ -92,6 +92,20 @@ def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, wha
         raise ValueError(f"{what} '{path}' was trained with {theirs}, but the config has {ours}.")
 
 
+def recorded_args(ckpt: Mapping, key: str, path: str | Path, what: str = "checkpoint") -> dict:
+    """The constructor arguments a checkpoint records for its network (``<key>_args``), from which
+    inference builds the network: the arguments live with the weights, not in a config."""
+    args = ckpt.get(f"{key}_args")
+    if args is None:
+        raise ValueError(
+            f"{what} '{path}' records no {key}_args (a bare state dict, e.g. MONAI's AutoencoderKL weights); give the "
+            f"network's arguments on the command line, e.g. --{key}_args \"{{'spatial_dims': 3, 'in_channels': 1, "
+            f"'out_channels': 1, 'channels': [32, 64, 64], 'latent_channels': 3, 'num_res_blocks': [2, 2, 2], "
+            f"'attention_levels': [False, False, True], 'layout': 'strided', 'norm': 'group'}}\" (MONAI's defaults)."
+        )
+    return dict(args)
+
+
 def load_network(
     network: torch.nn.Module, path: str | Path, key: str, args: Mapping | None = None, what: str = "checkpoint"
 ) -> dict:

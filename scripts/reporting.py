@@ -3,11 +3,10 @@ a progress bar on a terminal, and a summary when training ends."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,24 +67,11 @@ def report_errors() -> None:
 
 
 # network arguments a command line never needs: fixed by the bundle or runtime switches
-_IMPLIED_ARGS = ("spatial_dims", "out_channels", "with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn", "use_checkpoint")
-
-
-def _cli(value: object) -> str:
-    """A value as MONAI's command line (python-fire) reads it."""
-    if isinstance(value, str):
-        return value
-    text = json.dumps(value).replace("true", "True").replace("false", "False")
-    return f'"{text}"' if " " in text else text
-
-
-def reconstruct_command(checkpoint: str | Path, autoencoder_args: Mapping) -> str:
-    """The command that reconstructs scans with ``checkpoint``: the inference config's network keys
-    must match the checkpoint's, so each is given."""
-    keys = " ".join(f"--{k} {_cli(v)}" for k, v in autoencoder_args.items() if k not in _IMPLIED_ARGS)
+def reconstruct_command(checkpoint: str | Path) -> str:
+    """The command that reconstructs scans with ``checkpoint`` (the network and preprocessing come from it)."""
     return (
         f"python -m monai.bundle run --config_file configs/inference_autoencoder.yaml --autoencoder_ckpt {checkpoint} "
-        f"{keys} --dataset_dir IN --output_dir OUT"
+        f"--dataset_dir IN --output_dir OUT"
     )
 
 

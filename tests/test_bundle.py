@@ -98,15 +98,15 @@ def parser_for(config: Path, **overrides) -> ConfigParser:
 
 def make_checkpoints(bundle: Path) -> None:
     """Tiny weights at the paths of large_files.yml, in the format the configs load: the
-    autoencoders as inference_autoencoder.yaml builds them, model.pt as diffusion training writes it
-    (on the latents of the 4x autoencoder)."""
+    autoencoders as autoencoder training writes them, model.pt as diffusion training writes it (on
+    the latents of the 4x autoencoder)."""
     torch.manual_seed(0)
     models = bundle / "models"
     models.mkdir(exist_ok=True)
     for name, factors in (("model_autoencoder.pt", [2, 2]), ("model_autoencoder_8x.pt", [4, 2]), ("model_autoencoder_16x.pt", [4, 4])):
-        recon = parser_for(bundle / "configs" / "inference_autoencoder.yaml", **TINY_AE, downsample_factors=factors)
-        network = recon.get_parsed_content("autoencoder_def")
-        torch.save({"autoencoder": network.state_dict(), "autoencoder_args": recon.get_parsed_content("autoencoder_args")}, models / name)
+        train = parser_for(bundle / "configs" / "train_autoencoder.yaml", **TINY_AE, downsample_factors=factors)
+        network = train.get_parsed_content("autoencoder_def")
+        torch.save({"autoencoder": network.state_dict(), "autoencoder_args": train.get_parsed_content("autoencoder_args")}, models / name)
     diffusion_args = dict(
         spatial_dims=3, in_channels=TINY_AE["latent_channels"], out_channels=TINY_AE["latent_channels"], channels=[32, 32],
         attention_levels=[False, False], num_res_blocks=1, num_head_channels=32, norm_num_groups=32, num_class_embeds=None,
@@ -298,7 +298,7 @@ def test_metadata_shapes_match_the_configs():
         spec = meta["network_data_format"][side][key]
         assert _get_fake_spatial_shape(spec["spatial_shape"], n=1) == tuple(ae.spatial_multiple)
         assert _get_fake_spatial_shape(spec["spatial_shape"], n=3) == tuple(3 * m for m in ae.spatial_multiple)
-        assert spec["num_channels"] == recon["in_channels"]
+        assert spec["num_channels"] == recon.get_parsed_content("autoencoder_args")["in_channels"]
 
     train = parser_for(REPO / "configs" / "train_autoencoder.yaml")
     patch = train.get_parsed_content("patch")
@@ -349,14 +349,14 @@ def test_verify_net_in_out_cli():
     )
 
 
-def test_verify_net_in_out_catches_a_wrong_format():
+def test_verify_net_in_out_catches_a_wrong_format(bundle):
     with pytest.raises(ValueError, match="channel number"):
         verify_net_in_out(
             net_id="network_def",
             meta_file=str(META),
             config_file=str(REPO / "configs" / "inference_autoencoder.yaml"),
             device="cpu",
-            **TINY_AE,
+            autoencoder_ckpt=str(bundle / "models" / "model_autoencoder.pt"),
             **{"_meta_#network_data_format#outputs#pred#num_channels": 2},
         )
 
@@ -401,7 +401,7 @@ def test_documented_outputs_are_ignored_by_git():
 
 
 def eager_reconstructor(ckpt: Path) -> torch.nn.Module:
-    parser = parser_for(REPO / "configs" / "inference_autoencoder.yaml", **TINY_AE)
+    parser = parser_for(REPO / "configs" / "inference_autoencoder.yaml", autoencoder_ckpt=str(ckpt))
     net = parser.get_parsed_content("network_def")
     load_network(net, ckpt, "autoencoder", parser.get_parsed_content("autoencoder_args"))
     return net.eval()
@@ -417,7 +417,7 @@ def test_ckpt_export_torchscript(bundle, tmp_path):
             ["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(target), "--ckpt_file", str(ckpt),
              "--meta_file", "configs/metadata.json", "--config_file", "configs/inference_autoencoder.yaml",
              "--key_in_ckpt", "autoencoder", "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]",
-             *overrides_cli(TINY_AE)],
+             "--autoencoder_ckpt", str(ckpt)],
             cwd=REPO,
             pythonpath=REPO,
         )
@@ -445,7 +445,7 @@ def test_onnx_export(bundle, tmp_path):
             ["-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(target), "--ckpt_file", str(ckpt),
              "--meta_file", "configs/metadata.json", "--config_file", "configs/inference_autoencoder.yaml",
              "--key_in_ckpt", "autoencoder", "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]",
-             "--converter_kwargs", "{'dynamo': False}", *overrides_cli(TINY_AE)],
+             "--converter_kwargs", "{'dynamo': False}", "--autoencoder_ckpt", str(ckpt)],
             cwd=REPO,
             pythonpath=REPO,
         )
@@ -625,7 +625,7 @@ def test_download_round_trip(served, bundle, tmp_path):
         run_cli(
             ["-m", "monai.bundle", "run", "--config_file", "configs/inference_autoencoder.yaml",
              "--dataset_dir", str(volume.parent), "--output_dir", str(output), "--roi_size", "[32, 32, 32]",
-             "--sw_margin", "8", *overrides_cli(TINY_AE)],
+             "--sw_margin", "8"],  # the network comes from the downloaded weights
             cwd=root,
             pythonpath=root,
         )

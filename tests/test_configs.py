@@ -75,20 +75,32 @@ def test_sampling_refuses_an_autoencoder_other_than_model_pts(tmp_path):
     assert "was trained with" in _chained(info.value)
 
 
-def test_reconstruction_config_network_defaults_to_what_training_writes():
-    """The network keys default as in train_autoencoder.yaml; the reconstruction windows keep a centre."""
+def test_reconstruction_builds_the_network_the_checkpoint_records():
+    """inference_autoencoder.yaml has no network keys: each shipped autoencoder is built from its
+    own autoencoder_args; the reconstruction windows keep a centre."""
+    for name, factors in (("model_autoencoder.pt", [2, 2]), ("model_autoencoder_8x.pt", [4, 2]), ("model_autoencoder_16x.pt", [4, 4])):
+        recon = parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(REPO / "models" / name))
+        saved = torch.load(REPO / "models" / name, map_location="cpu", weights_only=True)["autoencoder_args"]
+        assert recon.get_parsed_content("autoencoder_args") == saved and saved["downsample_factors"] == factors
+        recon.get_parsed_content("load_autoencoder")
+    # what training writes by default is what reconstruction then builds
     train = parse("configs/train_autoencoder.yaml")
-    recon = parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"))
-    for key in ("norm", "layout", "downsample_factors", "channels", "latent_channels"):
-        assert recon[key] == train[key], key
-    trained_args = train.get_parsed_content("autoencoder_args")
-    args = recon.get_parsed_content("autoencoder_args")
-    assert {k: v for k, v in args.items() if k != "use_checkpoint"} == {
-        k: v for k, v in trained_args.items() if k != "use_checkpoint"
+    assert {k: v for k, v in train.get_parsed_content("autoencoder_args").items() if k != "use_checkpoint"} == {
+        k: v for k, v in parse("configs/inference_autoencoder.yaml").get_parsed_content("autoencoder_args").items() if k != "use_checkpoint"
     }
-    inferer = recon.get_parsed_content("inferer")
+    inferer = parse("configs/inference_autoencoder.yaml", device=torch.device("cpu")).get_parsed_content("inferer")
     assert type(inferer).__name__ == "TiledInferer"
     assert inferer.roi_size == (256, 256, 128) and inferer.margins == (32, 32, 32)
+
+
+def test_reconstruction_of_a_state_dict_without_arguments_asks_for_them(tmp_path):
+    """MONAI's AutoencoderKL weights are a bare state dict: the error says how to give the network."""
+    bare = tmp_path / "monai_autoencoder.pt"
+    torch.save({"encoder.blocks.0.conv.weight": torch.zeros(1)}, bare)
+    with pytest.raises(Exception) as info:
+        parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(bare)).get_parsed_content("network")
+    text = _chained(info.value)
+    assert f"autoencoder_ckpt '{bare}' records no autoencoder_args" in text and "--autoencoder_args" in text
 
 
 TINY = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=16)

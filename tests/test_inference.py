@@ -82,7 +82,7 @@ def read_csv(path):
 
 
 def other_factors_checkpoint(path):
-    """A [4, 2] autoencoder checkpoint in the bundle's format, for the mismatch tests."""
+    """A [4, 2] autoencoder checkpoint in the bundle's format."""
     args = dict(
         spatial_dims=3,
         in_channels=1,
@@ -318,14 +318,15 @@ def test_missing_checkpoint(tmp_path, tiny_dataset):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_checkpoint_of_other_factors(tmp_path, tiny_dataset):
+def test_checkpoint_of_other_factors_reconstructs_with_its_own(tmp_path, tiny_dataset):
+    """The network is the one the checkpoint records: a [4, 2] checkpoint needs no network keys, and
+    the volumes are padded to its total factor 8."""
     ckpt = other_factors_checkpoint(tmp_path / "model_4_2.pt")
-    workflow = make_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, tmp_path / "out", ckpt))
-    with pytest.raises(Exception) as info:
-        workflow.initialize()
-    text = error_text(info.value)
-    assert f"autoencoder_ckpt '{ckpt}' was trained with downsample_factors=[4, 2]" in text
-    assert "the config has downsample_factors=[2, 2]" in text
+    workflow = run_workflow(RECON_CONFIG, **recon_overrides(tiny_dataset, tmp_path / "out", ckpt))
+    assert workflow.parser.get_parsed_content("autoencoder_args")["downsample_factors"] == [4, 2]
+    assert tuple(workflow.parser.get_parsed_content("autoencoder_def").spatial_multiple) == (8, 8, 8)
+    rows = read_csv(tmp_path / "out" / "reconstruction_metrics.csv")
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
 
 
 def test_concurrent_runs_into_one_output_dir_keep_every_output(tmp_path, trained_autoencoder):
@@ -410,7 +411,7 @@ def test_read_only_output_dir_is_refused_before_any_volume(tmp_path, tiny_datase
 def test_two_channel_reconstruction_writes_every_channel(tmp_path):
     """in_channels 2: the reconstruction has both channels, stored channels last like the input."""
     volume = np.stack([marked_phantom((28, 24, 20), (2.0,) * 3, seed=41), phantom((28, 24, 20), seed=42)[::-1]], axis=-1)
-    path = write_volume(tmp_path / "in" / "two.nii.gz", volume)
+    write_volume(tmp_path / "in" / "two.nii.gz", volume)
     args = dict(SMALL_RF_NET, in_channels=2, out_channels=2, channels=[8, 8], attention_levels=[False, False], use_checkpoint=False, norm="channel")
     torch.manual_seed(0)
     ckpt = tmp_path / "two_channel.pt"

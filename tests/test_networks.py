@@ -7,8 +7,6 @@ attention) and every input is the smallest size the total factor allows, so the 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -48,15 +48,17 @@ def test_training_ends_with_a_summary(tmp_path, tiny_dataset, caplog):
     assert f"best val_psnr: {best['best']:.4f} at epoch 1" in text and best["best_epoch"] == 1
     assert f"checkpoints: {out / 'model_autoencoder.pt'}, {out / 'checkpoint_last.pt'}" in text
     assert f"previews: {out / 'previews'}" in text
-    assert f"MLflow: run '" in text and overrides["tracking_uri"] in text
+    assert "MLflow: run '" in text and overrides["tracking_uri"] in text
     command = next(line for line in text.splitlines() if "next: python -m monai.bundle run" in line).split("next: ", 1)[1]
     args = shlex.split(command)
     keys = {args[i][2:]: args[i + 1] for i in range(4, len(args), 2)}
     import yaml
 
     values = {k: yaml.safe_load(v) for k, v in keys.items() if k not in ("config_file", "dataset_dir", "output_dir")}
+    assert set(values) == {"autoencoder_ckpt"}  # the network and preprocessing come from the checkpoint
     workflow = make_workflow(RECON_CONFIG, **values, device="cpu")
-    workflow.parser.get_parsed_content("load_autoencoder")  # the network keys match the checkpoint
+    workflow.parser.get_parsed_content("load_autoencoder")
+    assert workflow.parser.get_parsed_content("autoencoder_args")["downsample_factors"] == [4, 2]
 
 
 def test_no_progress_bar_when_the_output_is_not_a_terminal():
