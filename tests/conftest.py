@@ -69,6 +69,7 @@ TINY_TRAIN = dict(
 )
 TINY_DIFFUSION = dict(
     image_size=[16, 16, 16],
+    epoch_length=None,  # one pass over the latents
     diffusion_channels=[8, 8],
     diffusion_attention_levels=[False, False],
     diffusion_num_head_channels=8,
