@@ -1,7 +1,10 @@
 """The bundle as MONAI's tools see it: metadata, verifiers, exports, workflow properties, the zip
 from scripts/pack.py and the download round trip.
 
-MONAI's command-line tools run as subprocesses, the way a user runs them. Every network is tiny
+MONAI's tools run through the Python functions that their command line calls (``monai.bundle``'s
+``ckpt_export``, ``verify_net_in_out``, ``download_large_files``: the command line adds only
+python-fire's argument parsing); the download round trip runs the standard-library ``download.py``
+and the downloaded bundle's reconstruction as subprocesses, with the downloaded code. Every network is tiny
 (8/16-channel autoencoder, a 32-channel two-level UNet) and every checkpoint is made here, in a
 temporary copy of the bundle: no test writes into the repository. The round trip serves the packed
 zip and the weights from ``python -m http.server`` on 127.0.0.1 only.
@@ -10,7 +13,9 @@ zip and the weights from ``python -m http.server`` on 127.0.0.1 only.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -29,7 +34,7 @@ import pytest
 import torch
 import yaml
 from monai.apps.utils import HashCheckError
-from monai.bundle import ConfigParser, ConfigWorkflow, download_large_files, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, download_large_files, verify_metadata, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,9 +186,10 @@ def served(bundle, tmp_path_factory, request) -> dict:
     serve = tmp_path_factory.mktemp("serve")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    out = check_ok(
-        run_cli(["-m", "scripts.pack", "--output_dir", str(serve), "--weights_url", base], cwd=bundle, pythonpath=bundle)
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert pack.main(["--bundle_root", str(bundle), "--output_dir", str(serve), "--weights_url", base]) == 0
+    out = printed.getvalue()
     zip_path = serve / f"{NAME}_v{pack.bundle_version(bundle)}.zip"
     assert zip_path.is_file() and sha256(zip_path) in out
     for weight in WEIGHTS:
@@ -337,15 +343,12 @@ def test_large_files_lists_every_weight():
 # MONAI's verifiers and exports
 
 
-def test_verify_net_in_out_cli():
-    """The default reconstruction network on a 64^3 input (n=16: 4*16 per axis)."""
-    check_ok(
-        run_cli(
-            ["-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-             "--config_file", "configs/inference_autoencoder.yaml", "--n", "16"],
-            cwd=REPO,
-            pythonpath=REPO,
-        )
+def test_verify_net_in_out(monkeypatch):
+    """The model card's ``verify_net_in_out network_def --n 16``, from the bundle's root: the default
+    reconstruction network with the shipped weights on a 64^3 input (4*16 per axis)."""
+    monkeypatch.chdir(REPO)
+    verify_net_in_out(
+        net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference_autoencoder.yaml", n=16
     )
 
 
@@ -412,15 +415,10 @@ def test_ckpt_export_torchscript(bundle, tmp_path):
     ckpt = bundle / "models" / "model_autoencoder.pt"
     target = tmp_path / "runs" / "export" / "autoencoder.ts"
     target.parent.mkdir(parents=True)  # mkdir -p runs/export, as documented: ckpt_export makes no folder
-    check_ok(
-        run_cli(
-            ["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(target), "--ckpt_file", str(ckpt),
-             "--meta_file", "configs/metadata.json", "--config_file", "configs/inference_autoencoder.yaml",
-             "--key_in_ckpt", "autoencoder", "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]",
-             "--autoencoder_ckpt", str(ckpt)],
-            cwd=REPO,
-            pythonpath=REPO,
-        )
+    ckpt_export(
+        net_id="network_def", filepath=str(target), ckpt_file=str(ckpt), meta_file=str(META),
+        config_file=str(REPO / "configs" / "inference_autoencoder.yaml"), key_in_ckpt="autoencoder", use_trace=True,
+        input_shape=[1, 1, 16, 16, 16], autoencoder_ckpt=str(ckpt),
     )
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(target), _extra_files=extra)
@@ -613,7 +611,7 @@ def test_download_round_trip(served, bundle, tmp_path):
     root = downloads / NAME
     assert (root / "configs" / "metadata.json").is_file()
     assert not any((root / w).exists() for w in WEIGHTS)
-    check_ok(run_cli(["-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path))
+    download_large_files(bundle_path=str(root))
     for weight in WEIGHTS:
         assert (root / weight).read_bytes() == (bundle / weight).read_bytes()
 
@@ -648,7 +646,7 @@ def test_download_large_files_rejects_a_wrong_hash(served, bundle, tmp_path):
         "hash_type": "sha256",
     }
     (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
-    with pytest.raises(HashCheckError, match="hash check of downloaded file failed"):  # in process: the CLI is the round trip's
+    with pytest.raises(HashCheckError, match="hash check of downloaded file failed"):
         download_large_files(bundle_path=str(root))
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["large_files.yml"]
 
