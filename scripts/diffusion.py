@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.networks.nets import DiffusionModelUNet
@@ -112,6 +113,22 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None)
     scale = 1.0 / std
     logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {mu.numel()} latent values)")
     return scale
+
+
+def check_full_batches(latents: Sequence[dict], batch_size: int) -> Sequence[dict]:
+    """The latents, once it is clear that every process gets at least one full batch of them. The
+    training loader drops a short last batch: with a few dozen latents and data-parallel processes
+    it would otherwise be a batch of one or two every other step, costing a whole step and weighing
+    its latents several times more than the others."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    per_process = math.ceil(len(latents) / world)
+    if per_process < batch_size:
+        raise ValueError(
+            f"batch_size {batch_size} needs at least {batch_size * world} training latents for {world} process(es), "
+            f"but the training volumes gave {len(latents)} (each volume gives two with latent_flips): "
+            f"set batch_size to {max(per_process, 1)} or less, or train on more volumes."
+        )
+    return latents
 
 
 def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequence[int]) -> list[int]:

@@ -93,6 +93,22 @@ class EpochSeed:
             engine.set_data(engine.state.dataloader)  # a fresh pass, shuffled by the generators just seeded
 
 
+class ReshuffleEachPass:
+    """Trainer handler that reshuffles a ``DistributedSampler`` whenever the data loader runs out
+    within an epoch. MONAI's workflow calls ``set_epoch`` once per epoch; with an ``epoch_length``
+    longer than a pass (1,000 diffusion steps over a few dozen latents), every pass of the epoch
+    would repeat the same shards in the same order, and the short last batch would be the same
+    items each time. Seeded by the iteration, so a resumed run draws what the uninterrupted one drew."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.DATALOADER_STOP_ITERATION, self)
+
+    def __call__(self, engine: Engine) -> None:
+        sampler = getattr(engine.state.dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(engine.state.iteration)
+
+
 class TimeLimit(IgniteTimeLimit):
     """Ignite's ``TimeLimit`` as a MONAI handler: counted from the engine's start (data caching is not
     training time), checked after every iteration; the engine then ends as if complete, so the last

@@ -19,6 +19,7 @@ from scripts.diffusion import (
     NO_CLASS,
     ClassConditionedDiffusionModelUNet,
     LatentDiffusionPrepareBatch,
+    check_full_batches,
     check_latent_fits_unet,
     encode_volumes,
     latent_noise_shape,
@@ -139,6 +140,16 @@ def test_prepare_batch_drops_class_labels_at_its_rate():
     labels = prepare(batch, "cpu")[3]["condition"]
     assert set(labels.tolist()) == {NO_CLASS, 1}
     assert (labels == NO_CLASS).float().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+def test_check_full_batches():
+    latents = [{"z_mu": torch.zeros(1)}] * 6
+    assert check_full_batches(latents, 6) is latents
+    with pytest.raises(ValueError) as info:
+        check_full_batches(latents, 8)
+    message = str(info.value)
+    assert "batch_size 8 needs at least 8 training latents for 1 process(es)" in message
+    assert "gave 6" in message and "set batch_size to 6 or less" in message
 
 
 def test_check_latent_fits_unet():

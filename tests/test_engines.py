@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from monai.data import DataLoader
+from monai.data import DataLoader, DistributedSampler
 from monai.networks.nets import PatchDiscriminator
 from monai.transforms import RandSpatialCropd
 
 from conftest import TINY_AUTOENCODER
 from scripts import engines
 from scripts.losses import build_auxiliary_losses
-from scripts.engines import AutoencoderKLTrainer, EpochSeed, autocast_dtype
+from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, autocast_dtype
 from scripts.networks import FactorAutoencoderKL
 
 PATCH = (16, 16, 16)
@@ -262,6 +262,36 @@ def test_resume_is_exact_when_epoch_length_does_not_divide_the_loader():
     resumed = _batches_per_epoch(4, start_epoch=2)
     assert sorted(resumed) == [3, 4] and resumed[3] == whole[3] and resumed[4] == whole[4]
     assert len({tuple(b) for b in whole.values()}) > 1, "epochs are shuffled differently"
+
+
+def _passes_of_rank0(reshuffle: bool, start_epoch: int = 0) -> dict[int, list[list[int]]]:
+    """Rank 0's batches of a DistributedSampler over 8 items and 2 ranks (4 items, 2 batches of 2 per
+    pass), in epochs of 6 steps: three passes per epoch, grouped per epoch and pass."""
+    loader = DataLoader(list(range(8)), batch_size=2, sampler=DistributedSampler(list(range(8)), num_replicas=2, rank=0))
+    engine = Engine(lambda e, b: None)
+    EpochSeed(7).attach(engine)
+    if reshuffle:
+        ReshuffleEachPass().attach(engine)
+    seen: dict[int, list[list[int]]] = {}
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: loader.sampler.set_epoch(e.state.epoch))  # as MONAI's Workflow does
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.setdefault(e.state.epoch, []).extend(e.state.batch.tolist()))
+    if start_epoch:
+        engine.load_state_dict({"epoch": start_epoch, "epoch_length": 6, "max_epochs": 2})
+    engine.run(loader, max_epochs=2, epoch_length=6)
+    return {epoch: [items[i : i + 4] for i in range(0, 12, 4)] for epoch, items in seen.items()}
+
+
+def test_reshuffle_each_pass_of_a_distributed_sampler():
+    """MONAI sets the sampler's epoch once per epoch: without the handler every pass of an epoch
+    repeats the first; with it each pass is a new shuffle of the same shard size, and a run resumed
+    at an epoch draws what the uninterrupted run drew."""
+    repeated = _passes_of_rank0(reshuffle=False)
+    assert all(p == passes[0] for passes in repeated.values() for p in passes)
+    reshuffled = _passes_of_rank0(reshuffle=True)
+    for passes in reshuffled.values():
+        assert all(len(p) == 4 and len(set(p)) == 4 for p in passes)
+        assert len({tuple(p) for p in passes}) > 1, passes
+    assert _passes_of_rank0(reshuffle=True, start_epoch=1)[2] == reshuffled[2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,15 @@
 # the latents of the 4x, 8x and 16x autoencoders side by side, one GPU each, for the same wall time,
 # then each evaluated (scripts.evaluate_generation) and timed (generation_speed.py). $OUT receives
 # results.tar.gz (tables, grids, logs) and models.tar (each model.pt in half precision) in parts of 15 MB.
-#   OUT=results STAGE_SECONDS=300 KEEP="run1 run2" bash docs/study/generation_stage.sh SPEC_FILE
-# KEEP names the runs whose weights come back (default: all).
+#   OUT=results STAGE_SECONDS=300 CALL_SECONDS=540 KEEP="run1 run2" bash docs/study/generation_stage.sh SPEC_FILE
+# KEEP names the runs whose weights come back (default: all). CALL_SECONDS is the time the whole call
+# may take (default 540): the evaluation and the timing are cut short so that the weights and the logs
+# are packed within it.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
 # The volumes are .data/generation.tar.xz (a tar of train/ and val/ from prepare_generation.py).
 set -uo pipefail
+deadline=$(( SECONDS + ${CALL_SECONDS:-540} - 45 ))  # 45 s to pack what there is
+left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
 mkdir -p "${OUT:?set OUT to the folder for the results}"
 spec=$1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -28,14 +32,14 @@ stage() {  # name gpu autoencoder overlay overrides...
     launch="python3 -m torch.distributed.run --standalone --nproc_per_node=$(( $(tr -cd , <<<"$gpu" | wc -c) + 1 ))"
   fi
   export CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=12
-  $launch -m monai.bundle run training --config_file "[$configs]" --dataset_dir /tmp/gen/train \
+  timeout "$(left)" $launch -m monai.bundle run training --config_file "[$configs]" --dataset_dir /tmp/gen/train \
     --output_dir "/tmp/runs/$name" --autoencoder_ckpt "$ae" --condition_key class --use_mlflow False \
     --deterministic False --max_epochs 1000 --epoch_length 1000 --time_limit "${STAGE_SECONDS:-300}" "$@" \
     >"/tmp/runs/$name.log" 2>&1
-  python3 -m scripts.evaluate_generation --diffusion_ckpt "/tmp/runs/$name/model.pt" --autoencoder_ckpt "$ae" \
+  timeout "$(left)" python3 -m scripts.evaluate_generation --diffusion_ckpt "/tmp/runs/$name/model.pt" --autoencoder_ckpt "$ae" \
     --train_dir /tmp/gen/train --val_dir /tmp/gen/val --output_dir "/tmp/eval/$name" --num_samples 8 \
     >"/tmp/eval/$name.log" 2>&1
-  python3 docs/study/generation_speed.py "/tmp/runs/$name/model.pt" "$ae" "/tmp/eval/$name/speed.json" \
+  timeout "$(left)" python3 docs/study/generation_speed.py "/tmp/runs/$name/model.pt" "$ae" "/tmp/eval/$name/speed.json" \
     >"/tmp/eval/${name}_speed.log" 2>&1
 }
 
@@ -54,18 +58,22 @@ for name in "${names[@]}"; do
   cat "/tmp/eval/$name/speed.json" 2>/dev/null | tr -d '\n' | cut -c1-600; echo
 done | tee /tmp/eval/summary.md
 for name in "${names[@]}"; do
+  mkdir -p "/tmp/eval/$name"
   grep -v -i "warn" "/tmp/runs/$name.log" | grep -E "Epoch|scale|INFO - >|Error" >"/tmp/eval/$name/train.log"
   rm -rf "/tmp/eval/$name/samples"
 done
 tar czf "$OUT/results.tar.gz" -C /tmp/eval .
 keep=(${KEEP:-${names[@]}})
 python3 - "$OUT" "${keep[@]}" <<'PY'
-import sys, torch
+import os, sys, torch
 out, names = sys.argv[1], sys.argv[2:]
 for name in names:
+    if not os.path.isfile(f"/tmp/runs/{name}/model.pt"):
+        print(f"{name}: no model.pt")
+        continue
     ckpt = torch.load(f"/tmp/runs/{name}/model.pt", map_location="cpu", weights_only=True)
     ckpt["diffusion"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["diffusion"].items()}
     torch.save(ckpt, f"/tmp/runs/{name}.pt")
 PY
-tar cf /tmp/models.tar -C /tmp/runs $(printf '%s.pt ' "${keep[@]}") && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
+(cd /tmp/runs && tar cf /tmp/models.tar $(for n in "${keep[@]}"; do [[ -f "$n.pt" ]] && echo "$n.pt"; done)) && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
 ls -la "$OUT"
