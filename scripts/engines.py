@@ -63,6 +63,25 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
 
 
+def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
+    """The module a trainer runs: ``network`` through ``torch.compile`` when ``compile`` is true
+    (TorchInductor) or names a backend (``"cudagraphs"``, ``"aot_eager"``, ...), ``network`` itself
+    when it is false. The compiled module shares the network's parameters, so checkpoints, the
+    moving average and validation keep using the bare network and its keys. Where a graph cannot be
+    compiled (no C++ compiler for CPU kernels, an operation the compiler does not handle), TorchDynamo
+    runs it eagerly and warns, instead of stopping the training."""
+    if compile is None or compile is False:
+        return network
+    backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
+    backend = "inductor" if compile is True else str(compile)
+    if backend not in backends:
+        raise ValueError(f"compile must be true, false or the name of a torch.compile backend ({', '.join(backends)}); got {compile!r}.")
+    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
+    bare = getattr(network, "module", network)  # the network inside DistributedDataParallel
+    logger.info(f"torch.compile of {type(bare).__name__} (backend {backend}): the first steps include the compilation")
+    return torch.compile(network, backend=backend)
+
+
 class EpochSeed:
     """Trainer handler that reseeds every random source from ``(seed, epoch)`` when an epoch starts,
     and starts the epoch on a fresh pass of the data loader.

@@ -17,7 +17,8 @@ and fail to connect.)
 - ``batches``: per training iteration, the source files and a checksum of the batch the rank
   trained on; ``sampler``: the indices the rank's training sampler gave in the epoch;
 - ``val_sampler`` / ``val_metrics``: the rank's validation indices and the evaluator's metrics;
-- ``scale_factor``: the latent scale factor the rank computed (diffusion only).
+- ``scale_factor``: the latent scale factor the rank computed (diffusion only);
+- ``trainer_network``: the type of the module the trainer runs (compiled or not).
 
 A job that raises leaves its traceback in ``result + ".error<rank>"`` and the worker exits non-zero.
 """
@@ -78,7 +79,7 @@ def run_job(job: dict) -> dict:
     initial = {name: flat_parameters(net).clone() for name, net in networks.items()}
 
     trainer = parsed("train#trainer")  # the instance `run` uses: the parser keeps resolved items
-    record: dict = {"rank": rank, "world_size": world, "batches": []}
+    record: dict = {"rank": rank, "world_size": world, "batches": [], "trainer_network": type(trainer.network).__name__}
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: record["batches"].append(batch_record(e.state.batch)))
     workflow.run()
 

@@ -3,7 +3,7 @@
 - The autoencoder overlay (``multi_gpu_train_autoencoder.yaml``) through the real CLI,
   ``torchrun --standalone --nproc_per_node=2 -m monai.bundle run training``: it exits 0 and rank 0
   alone writes the checkpoints and the one MLflow run.
-- The same overlay and the diffusion overlay through ``tests/distributed_worker.py`` (the
+- The same overlay and the diffusion overlay (the latter with the UNet compiled) through ``tests/distributed_worker.py`` (the
   ``ConfigWorkflow`` that the CLI builds, launched with torchrun), which reports what the CLI gives
   no hook for: every rank's weights after training, the data each rank trained on, the validation
   shards and metrics and the latent scale factor. One launch per training (see the worker on why).
@@ -174,6 +174,7 @@ def diffusion_worker(tmp_path_factory, dataset6, trained_autoencoder):
         dataset6,
         downsample_factors=trained["downsample_factors"],  # the session autoencoder's arguments
         autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
+        compile="eager",  # torch.compile over DistributedDataParallel (TorchDynamo without code generation)
         **TINY_DIFFUSION,
     )
     # the session autoencoder's network arguments are the diffusion run's: its checkpoint loads
@@ -237,6 +238,8 @@ def test_diffusion_on_two_processes(diffusion_worker):
     ranks = report["ranks"]
     # six volumes and their mirror images: six latents per rank, batch 1
     check_identical_weights_and_different_data(report, ["diffusion"], iterations=6, files=False)
+    # the trainer ran the compiled DistributedDataParallel UNet; the checkpoints below hold the bare UNet
+    assert [r["trainer_network"] for r in ranks] == ["OptimizedModule"] * NPROC
     # every rank encodes all training volumes: the same latent scale factor on every rank
     scales = [r["scale_factor"] for r in ranks]
     assert scales[0] == scales[1] and scales[0] > 0, scales

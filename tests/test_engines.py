@@ -18,7 +18,7 @@ from monai.transforms import RandSpatialCropd
 from conftest import TINY_AUTOENCODER
 from scripts import engines
 from scripts.losses import build_auxiliary_losses
-from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, autocast_dtype
+from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, autocast_dtype, compiled
 from scripts.networks import FactorAutoencoderKL
 
 PATCH = (16, 16, 16)
@@ -292,6 +292,21 @@ def test_reshuffle_each_pass_of_a_distributed_sampler():
         assert all(len(p) == 4 and len(set(p)) == 4 for p in passes)
         assert len({tuple(p) for p in passes}) > 1, passes
     assert _passes_of_rank0(reshuffle=True, start_epoch=1)[2] == reshuffled[2]
+
+
+def test_compiled_shares_the_networks_parameters():
+    network = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=[2, 2])
+    assert compiled(network, False) is network and compiled(network, None) is network
+    module = compiled(network, "eager")  # TorchDynamo with no code generation: the wiring, in seconds
+    assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and module._orig_mod is network
+    assert [p.data_ptr() for p in module.parameters()] == [p.data_ptr() for p in network.parameters()]
+    x = torch.rand(1, 1, 16, 16, 16)
+    torch.manual_seed(0)  # the same draw of the latent in both
+    expected = network(x)[0]
+    torch.manual_seed(0)
+    torch.testing.assert_close(module(x)[0], expected)
+    with pytest.raises(ValueError, match=r"compile must be true, false or the name of a torch.compile backend \(.*inductor.*\); got 'fast'"):
+        compiled(network, "fast")
 
 
 # ---------------------------------------------------------------------------------------------

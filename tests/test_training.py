@@ -130,6 +130,27 @@ def test_training_recipe_options(tmp_path, tiny_dataset):
     assert any(type(h).__name__ == "TimeLimit" and h.limit_sec == 3600 for h in workflow.parser.get_parsed_content("train#handlers"))
 
 
+def test_compiled_training_matches_the_eager_run(tmp_path, tiny_dataset):
+    """compile through TorchDynamo (its eager backend: no code generation) with the adversarial loss and
+    gradient accumulation: the trainer runs the compiled networks, the checkpoints hold the bare
+    networks' keys, and the weights are the eager run's."""
+    runs = {}
+    for compile in (False, "eager"):
+        out = tmp_path / str(compile)
+        workflow = run_workflow(
+            AE_CONFIG,
+            **train_overrides(out, tiny_dataset, compile=compile, gradient_accumulation_steps=2, adv_warmup_epochs=0),
+        )
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        compiled_type = torch._dynamo.eval_frame.OptimizedModule
+        assert isinstance(trainer.network, compiled_type) == isinstance(trainer.discriminator, compiled_type) == bool(compile)
+        runs[compile] = torch.load(out / "out" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    for name in ("autoencoder", "discriminator"):
+        assert list(runs["eager"][name]) == list(runs[False][name]), "the bare network's keys"
+        torch.testing.assert_close(runs["eager"][name], runs[False][name])
+    assert runs["eager"]["optimizer_d"]["state"], "the discriminator trained"
+
+
 def check_training_outputs_with_ema(out):
     last = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     best = torch.load(out / "model_autoencoder.pt", map_location="cpu", weights_only=True)
