@@ -5,8 +5,9 @@
 
 It measures, in one process: one full autoencoder training step as ``AutoencoderKLTrainer`` runs it
 (generator forward, L1 + KL + adversarial, backward, optimizer step, discriminator step) for MONAI's
-stock ``AutoencoderKL`` (eager and ``torch.compile``) and the bundle's network for each factor set and
-layout; the diffusion UNet's training step on the latents of each total factor; and reconstruction of
+stock ``AutoencoderKL`` and the bundle's network for each factor set and layout, eager and under
+``torch.compile`` as the training config's ``compile`` applies it (``--compile``: the modes or backends,
+none for eager only); the diffusion UNet's training step on the latents of each total factor, the same; and reconstruction of
 one large volume through the inference config's tiled path (TiledInferer). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
 after warm-up. It prints a table and writes JSON.
@@ -28,7 +29,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDPMScheduler
 
-from scripts.engines import AutoencoderKLTrainer, autocast
+from scripts.engines import AutoencoderKLTrainer, autocast, compiled
 from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def autoencoder_step(
     batch_size: int,
     amp_dtype: torch.dtype | None,
     device: torch.device,
-    compile: bool = False,
+    compile: bool | str | None = None,
     discriminator_channels: int = 32,
 ) -> Callable[[], Any]:
     """One training step of the bundle's trainer, adversarial loss on, perceptual loss off."""
@@ -92,8 +93,7 @@ def autoencoder_step(
     discriminator = PatchDiscriminator(
         spatial_dims=3, num_layers_d=3, channels=discriminator_channels, in_channels=1, out_channels=1, norm="INSTANCE"
     ).to(device)
-    if compile:
-        network, discriminator = torch.compile(network), torch.compile(discriminator)
+    network, discriminator = compiled(network, compile), compiled(discriminator, compile)
     images = torch.rand(batch_size, 1, *size, device=device)
     trainer = AutoencoderKLTrainer(
         device=device,
@@ -116,11 +116,17 @@ def autoencoder_step(
 
 
 def diffusion_step(
-    latent_shape: Sequence[int], batch_size: int, amp_dtype: torch.dtype | None, device: torch.device, args: dict
+    latent_shape: Sequence[int],
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    args: dict,
+    compile: bool | str | None = None,
 ) -> Callable[[], Any]:
     """One training step of the diffusion UNet on latents: noise, UNet, MSE, backward, Adam."""
-    unet = DiffusionModelUNet(**args).to(device)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
+    bare = DiffusionModelUNet(**args).to(device)
+    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-4, fused=device.type == "cuda")
+    unet = compiled(bare, compile)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents = torch.randn(batch_size, *latent_shape, device=device)
 
@@ -203,25 +209,33 @@ def run(args: argparse.Namespace) -> dict:
         return FactorAutoencoderKL(**network, downsample_factors=factors, layout=layout)
 
     ae = results["autoencoder"]
-    if not args.no_stock:
-        record(ae, "stock 4x eager", lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, False, d_channels))
-        if not args.no_compile:
-            record(ae, "stock 4x compiled", lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, True, d_channels))
-    for layout in args.layouts:
-        for factors in args.factors:
-            latent = [s // f for s, f in zip(size, total_factor(tuple((f,) * 3 for f in factors)))]
-            record(
-                ae,
-                f"{layout} {factors}",
-                lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device, False, d_channels),
-                layout=layout,
-                factors=factors,
-                latent_shape=[network["latent_channels"], *latent],
-            )
+    modes: list[str | None] = [None, *args.compile]  # None: eager
+
+    def label(name: str, mode: str | None) -> str:
+        return name if mode is None else f"{name} compiled" + ("" if mode == "default" else f" ({mode})")
+
+    for mode in modes if not args.no_stock else []:
+        record(ae, label("stock 4x", mode) if mode else "stock 4x eager",
+               lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, mode, d_channels), compile=mode)
+    for mode in modes:
+        for layout in args.layouts:
+            for factors in args.factors:
+                latent = [s // f for s, f in zip(size, total_factor(tuple((f,) * 3 for f in factors)))]
+                record(
+                    ae,
+                    label(f"{layout} {factors}", mode),
+                    lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device, mode, d_channels),
+                    layout=layout,
+                    factors=factors,
+                    latent_shape=[network["latent_channels"], *latent],
+                    compile=mode,
+                )
     stock = {r["name"]: r for r in ae if r["name"].startswith("stock")}
     for row in ae:
-        own4x = next((r for r in ae if r.get("layout") == row.get("layout") and r.get("factors") == [2, 2]), None)
-        for base_name, base in (("stock_eager", stock.get("stock 4x eager")), ("stock_compiled", stock.get("stock 4x compiled")), ("own_4x", own4x)):
+        own4x = next((r for r in ae if r.get("layout") == row.get("layout") and r.get("factors") == [2, 2] and r["compile"] == row["compile"]), None)
+        eager = next((r for r in ae if r["compile"] is None and (r.get("layout"), r.get("factors")) == (row.get("layout"), row.get("factors"))), None)
+        bases = (("stock_eager", stock.get("stock 4x eager")), ("stock_compiled", stock.get("stock 4x compiled")), ("own_4x", own4x), ("eager", eager))
+        for base_name, base in bases:
             if base is not None:
                 row[f"memory_vs_{base_name}"] = _ratio(row["peak_bytes"], base["peak_bytes"])
                 row[f"time_vs_{base_name}"] = _ratio(row["seconds"], base["seconds"])
@@ -237,12 +251,17 @@ def run(args: argparse.Namespace) -> dict:
         norm_num_groups=min(32, min(args.diffusion_channels)),
         use_flash_attention=True,
     )
-    for total in args.diffusion_factors:
-        latent = [network["latent_channels"], *(s // total for s in size)]
-        record(results["diffusion"], f"UNet on {total}x latents", lambda: diffusion_step(latent, batch, amp_dtype, device, diffusion_args), total_factor=total, latent_shape=latent)
-    base = results["diffusion"][0] if results["diffusion"] else None
-    for row in results["diffusion"]:
+    unets = results["diffusion"]
+    for mode in modes:
+        for total in args.diffusion_factors:
+            latent = [network["latent_channels"], *(s // total for s in size)]
+            record(unets, label(f"UNet on {total}x latents", mode),
+                   lambda: diffusion_step(latent, batch, amp_dtype, device, diffusion_args, mode), total_factor=total, latent_shape=latent, compile=mode)
+    for row in unets:
+        base = next(r for r in unets if r["compile"] == row["compile"])  # the first factor's, in the same mode
+        eager = next(r for r in unets if r["compile"] is None and r["total_factor"] == row["total_factor"])
         row["memory_vs_4x"], row["time_vs_4x"] = _ratio(row["peak_bytes"], base["peak_bytes"]), _ratio(row["seconds"], base["seconds"])
+        row["time_vs_eager"] = _ratio(row["seconds"], eager["seconds"])
 
     for layout, factors in args.reconstruction:
         overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin, **args.recon_network}
@@ -258,15 +277,17 @@ def print_table(results: dict) -> None:
 
     print(f"\n{results['device']}, torch {results['torch']}, MONAI {results['monai']}, "
           f"{'x'.join(map(str, results['size']))}, batch {results['batch_size']}, amp {results['amp']}")
-    print(f"{'autoencoder step':28} {'latent':>14} {'GiB':>7} {'s':>7} {'mem/eager':>9} {'t/eager':>8} {'mem/comp':>8} {'t/comp':>7} {'mem/4x':>7} {'t/4x':>6}")
+    # against MONAI's stock network (eager, compiled), the same network's 4x in the same mode, the same network eager
+    print(f"{'autoencoder step':36} {'latent':>14} {'GiB':>7} {'s':>7} {'mem/stock':>9} {'t/stock':>8} {'mem/stcomp':>10} {'t/stcomp':>8} {'mem/4x':>7} {'t/4x':>6} {'t/eager':>7}")
     for r in results["autoencoder"]:
         latent = "x".join(map(str, r.get("latent_shape", [3, *(s // 4 for s in results["size"])])))
-        print(f"{r['name']:28} {latent:>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} "
+        print(f"{r['name']:36} {latent:>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} "
               f"{fmt(r.get('memory_vs_stock_eager'), 1, 2):>9} {fmt(r.get('time_vs_stock_eager'), 1, 2):>8} "
-              f"{fmt(r.get('memory_vs_stock_compiled'), 1, 2):>8} {fmt(r.get('time_vs_stock_compiled'), 1, 2):>7} "
-              f"{fmt(r.get('memory_vs_own_4x'), 1, 2):>7} {fmt(r.get('time_vs_own_4x'), 1, 2):>6}")
+              f"{fmt(r.get('memory_vs_stock_compiled'), 1, 2):>10} {fmt(r.get('time_vs_stock_compiled'), 1, 2):>8} "
+              f"{fmt(r.get('memory_vs_own_4x'), 1, 2):>7} {fmt(r.get('time_vs_own_4x'), 1, 2):>6} {fmt(r.get('time_vs_eager'), 1, 2):>7}")
     for r in results["diffusion"]:
-        print(f"{r['name']:28} {'x'.join(map(str, r['latent_shape'])):>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} mem/4x {fmt(r['memory_vs_4x'], 1, 2)} t/4x {fmt(r['time_vs_4x'], 1, 2)}")
+        print(f"{r['name']:36} {'x'.join(map(str, r['latent_shape'])):>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} "
+              f"mem/4x {fmt(r['memory_vs_4x'], 1, 2)} t/4x {fmt(r['time_vs_4x'], 1, 2)} t/eager {fmt(r['time_vs_eager'], 1, 2)}")
     for r in results["reconstruction"]:
         print(f"reconstruction {r['name']:30} {fmt(r['peak_bytes'], gib, 2):>7} GiB {fmt(r['seconds'], 1, 2)} s")
 
@@ -280,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--factors", type=json.loads, default=[[2, 2], [4, 2], [8, 2], [4, 4]], help="JSON list of factor lists")
     p.add_argument("--layouts", nargs="+", default=["strided", "space_to_depth"])
     p.add_argument("--no_stock", action="store_true", help="skip MONAI's stock AutoencoderKL baselines")
-    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile", nargs="*", default=["default"],
+                   help="also measure each network under the training config's compile with these values (Inductor modes or backends); none: eager only")
     p.add_argument("--diffusion_factors", type=int, nargs="*", default=[4, 8, 16])
     p.add_argument("--diffusion_channels", type=int, nargs="+", default=[64, 128, 128])
     p.add_argument("--reconstruction", type=json.loads, default=[["space_to_depth", [2, 2]], ["space_to_depth", [4, 2]], ["strided", [2, 2]]],
@@ -291,15 +313,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--smoke", action="store_true", help="tiny networks and sizes, one step each: checks that it runs (CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny networks and sizes, one step each, fewer factors unless given: checks that it runs (CPU)")
     args = p.parse_args(argv)
     # the networks: the reference autoencoder and discriminator, and the training config's own network for reconstruction
     args.network, args.discriminator_channels, args.recon_network = dict(REFERENCE_NETWORK), 32, {}
     if args.smoke:  # every network tiny too: the smoke run checks the code paths in seconds, not sizes
         args.size, args.recon_size, args.roi_size, args.sw_margin = [32, 32, 32], [32, 32, 24], [16, 16, 16], 4
-        args.warmup, args.steps, args.no_compile = 0, 1, True
-        args.factors, args.diffusion_factors, args.diffusion_channels = [[2, 2], [4, 2]], [4, 8], [32, 32]
-        args.reconstruction = [["space_to_depth", [2, 2]]]
+        args.warmup, args.steps = 0, 1
+        args.compile = [m for m in args.compile if m != "default"]  # Inductor compiles for minutes on a CPU
+        args.diffusion_channels = [32, 32]
+        for key, tiny in (("factors", [[2, 2], [4, 2]]), ("diffusion_factors", [4, 8]), ("reconstruction", [["space_to_depth", [2, 2]]])):
+            if getattr(args, key) == p.get_default(key):  # the sets of networks, unless given
+                setattr(args, key, tiny)
         args.network.update(channels=(8, 16, 16), norm_num_groups=8)
         args.discriminator_channels = 8
         args.recon_network = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 16}

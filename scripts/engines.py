@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit as IgniteTimeLimit
@@ -65,21 +66,30 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
 
 def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
     """The module a trainer runs: ``network`` through ``torch.compile`` when ``compile`` is true
-    (TorchInductor) or names a backend (``"cudagraphs"``, ``"aot_eager"``, ...), ``network`` itself
-    when it is false. The compiled module shares the network's parameters, so checkpoints, the
-    moving average and validation keep using the bare network and its keys. Where a graph cannot be
-    compiled (no C++ compiler for CPU kernels, an operation the compiler does not handle), TorchDynamo
-    runs it eagerly and warns, instead of stopping the training."""
+    (TorchInductor), names an Inductor mode (``"reduce-overhead"``: CUDA graphs, for steps bound by
+    kernel launches; ``"max-autotune"``, ...) or names another backend (``"cudagraphs"``,
+    ``"aot_eager"``, ...), and ``network`` itself when it is false. The compiled module shares the
+    network's parameters, so checkpoints, the moving average and validation keep using the bare
+    network and its keys. Where a graph cannot be compiled (no C++ compiler for CPU kernels, an
+    operation the compiler does not handle), TorchDynamo runs it eagerly and warns, instead of
+    stopping the training."""
     if compile is None or compile is False:
         return network
+    modes = list(torch._inductor.list_mode_options())
     backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
-    backend = "inductor" if compile is True else str(compile)
-    if backend not in backends:
-        raise ValueError(f"compile must be true, false or the name of a torch.compile backend ({', '.join(backends)}); got {compile!r}.")
+    if compile is True or compile in modes:
+        kwargs, what = {"mode": None if compile is True else compile}, f"mode {'default' if compile is True else compile}"
+    elif compile in backends:
+        kwargs, what = {"backend": compile}, f"backend {compile}"
+    else:
+        raise ValueError(
+            f"compile must be true, false, an Inductor mode ({', '.join(modes)}) or a torch.compile backend "
+            f"({', '.join(backends)}); got {compile!r}."
+        )
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
     bare = getattr(network, "module", network)  # the network inside DistributedDataParallel
-    logger.info(f"torch.compile of {type(bare).__name__} (backend {backend}): the first steps include the compilation")
-    return torch.compile(network, backend=backend)
+    logger.info(f"torch.compile of {type(bare).__name__} ({what}): the first steps include the compilation")
+    return torch.compile(network, **kwargs)
 
 
 class EpochSeed:

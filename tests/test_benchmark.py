@@ -24,3 +24,20 @@ def test_smoke_run_reports_every_measurement(tmp_path, capsys):
     assert results["reconstruction"] and results["reconstruction"][0]["seconds"] > 0
     table = capsys.readouterr().out
     assert "autoencoder step" in table and "reconstruction" in table
+
+
+def test_compiled_rows_are_measured_against_the_same_network_eager():
+    """--compile adds each network under the training config's compile (here TorchDynamo's eager
+    backend: the code path, without code generation), with its ratio to the same network eager."""
+    results = benchmark.main(
+        ["--smoke", "--device", "cpu", "--layouts", "space_to_depth", "--factors", "[[2, 2]]", "--no_stock",
+         "--diffusion_factors", "4", "--reconstruction", "[]", "--compile", "eager"]
+    )
+    rows = results["autoencoder"]
+    assert [(row["name"], row["compile"]) for row in rows] == [("space_to_depth [2, 2]", None), ("space_to_depth [2, 2] compiled (eager)", "eager")]
+    assert rows[0]["time_vs_eager"] == 1.0 and rows[1]["time_vs_eager"] > 0
+    assert rows[1]["time_vs_own_4x"] == 1.0  # the 4x of the same mode
+    unets = results["diffusion"]
+    assert [(row["name"], row["compile"]) for row in unets] == [("UNet on 4x latents", None), ("UNet on 4x latents compiled (eager)", "eager")]
+    assert unets[0]["time_vs_eager"] == 1.0 and unets[1]["time_vs_eager"] > 0
+    assert results["reconstruction"] == []

@@ -305,7 +305,8 @@ def test_compiled_shares_the_networks_parameters():
     expected = network(x)[0]
     torch.manual_seed(0)
     torch.testing.assert_close(module(x)[0], expected)
-    with pytest.raises(ValueError, match=r"compile must be true, false or the name of a torch.compile backend \(.*inductor.*\); got 'fast'"):
+    assert compiled(network, "reduce-overhead")._orig_mod is network  # an Inductor mode (compiled at the first call)
+    with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*reduce-overhead.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
         compiled(network, "fast")
 
 
