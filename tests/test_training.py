@@ -19,6 +19,8 @@ import yaml
 
 from conftest import (
     AE_CONFIG,
+    DIFFUSION_CONFIGS,
+    TINY_DIFFUSION,
     make_workflow,
     phantom,
     run_bundle,
@@ -167,18 +169,7 @@ def test_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted_run(tmp_p
     """The EMA copy and the LR scheduler are part of the resume point: a 2-epoch run interrupted after
     epoch 1 (its epoch-1 checkpoint_last, kept aside) and resumed ends with the uninterrupted run's
     EMA weights and learning-rate schedule."""
-    import shutil
-
-    from scripts import checkpoints
-
-    original = checkpoints.AtomicCheckpointSaver.save
-
-    def keep_each_epoch(self, trainer=None):
-        original(self, trainer)
-        if trainer is not None:
-            shutil.copy(self.path, self.path.with_name(f"epoch{trainer.state.epoch}_{self.path.name}"))
-
-    monkeypatch.setattr(checkpoints.AtomicCheckpointSaver, "save", keep_each_epoch)
+    keep_each_epoch(monkeypatch)
     overrides = dict(ema_decay=0.5, lr_schedule="cosine", lr_warmup_steps=2, max_epochs=2)
     run_workflow(AE_CONFIG, **train_overrides(tmp_path / "whole", tiny_dataset, **overrides))
     whole = tmp_path / "whole" / "out"
@@ -196,6 +187,64 @@ def test_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted_run(tmp_p
             torch.testing.assert_close(res[name][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}.{key}: {m}")
     first_ema = torch.load(interrupted, weights_only=True)["ema_autoencoder"]
     assert any(not torch.equal(first_ema[k], v) for k, v in ref["ema_autoencoder"].items()), "the EMA moved in epoch 2"
+
+
+def keep_each_epoch(monkeypatch) -> None:
+    """Every checkpoint also kept as epoch<N>_<name>: a run's checkpoint_last of each epoch."""
+    from scripts import checkpoints
+
+    original = checkpoints.AtomicCheckpointSaver.save
+
+    def save(self, trainer=None):
+        original(self, trainer)
+        if trainer is not None:
+            shutil.copy(self.path, self.path.with_name(f"epoch{trainer.state.epoch}_{self.path.name}"))
+
+    monkeypatch.setattr(checkpoints.AtomicCheckpointSaver, "save", save)
+
+
+def diffusion_overrides(tmp, tiny_dataset, trained_autoencoder, **overrides) -> dict:
+    return train_overrides(
+        tmp, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(trained_autoencoder["ckpt"]), **TINY_DIFFUSION, **overrides
+    )
+
+
+def test_diffusion_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted_run(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch):
+    """The diffusion run's resume point holds the UNet, its moving average, the optimizer and the
+    learning-rate schedule: resumed after epoch 1 of 2, it ends where the uninterrupted run ends, the
+    cosine schedule at 0 on the last of its 16 steps (4 volumes and their mirror images, batch 1)."""
+    keep_each_epoch(monkeypatch)
+    overrides = dict(ema_decay=0.5, ema_warmup_steps=1, lr_schedule="cosine", lr_warmup_steps=2, max_epochs=2)
+    run_workflow(DIFFUSION_CONFIGS, **diffusion_overrides(tmp_path / "whole", tiny_dataset, trained_autoencoder, **overrides))
+    whole = tmp_path / "whole" / "out"
+    interrupted = whole / "epoch1_checkpoint_last.pt"
+    resumed = run_workflow(
+        DIFFUSION_CONFIGS,
+        **diffusion_overrides(tmp_path / "resumed", tiny_dataset, trained_autoencoder, **overrides, resume_from=str(interrupted)),
+    )
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 16
+    ref = torch.load(whole / "checkpoint_last.pt", weights_only=True)
+    res = torch.load(tmp_path / "resumed" / "out" / "checkpoint_last.pt", weights_only=True)
+    assert res["lr_scheduler"]["last_epoch"] == ref["lr_scheduler"]["last_epoch"] == 16
+    assert res["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert res["scale_factor"] == ref["scale_factor"]
+    for name in ("diffusion", "ema_diffusion"):
+        for key, value in ref[name].items():
+            torch.testing.assert_close(res[name][key], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}.{key}: {m}")
+    model = torch.load(whole / "model.pt", weights_only=True)
+    assert all(torch.equal(model["diffusion"][k], v) for k, v in ref["ema_diffusion"].items()), "model.pt holds the moving average"
+
+
+def test_diffusion_init_from_starts_from_model_pt(tmp_path, tiny_dataset, trained_autoencoder, trained_diffusion):
+    """init_from: a new run (fresh optimizer) starts from a model.pt's UNet and keeps its latent scale factor."""
+    model = torch.load(trained_diffusion["ckpt"], weights_only=True)
+    overrides = diffusion_overrides(tmp_path, trained_diffusion["data"], trained_autoencoder, condition_key="class", init_from=str(trained_diffusion["ckpt"]))
+    workflow = make_workflow(DIFFUSION_CONFIGS, **overrides)
+    workflow.initialize()
+    unet = workflow.parser.get_parsed_content("diffusion")
+    assert all(torch.equal(v, model["diffusion"][k]) for k, v in unet.state_dict().items())
+    assert workflow.parser.get_parsed_content("scale_factor") == model["scale_factor"]
+    workflow.finalize()
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path, tiny_dataset, trained_autoencoder):
