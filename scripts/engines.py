@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch._inductor
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit as IgniteTimeLimit
@@ -75,6 +74,8 @@ def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
     stopping the training."""
     if compile is None or compile is False:
         return network
+    import torch._inductor  # here: its import costs every run a second or more
+
     modes = list(torch._inductor.list_mode_options())
     backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
     if compile is True or compile in modes:

@@ -480,7 +480,7 @@ def test_workflow_properties(bundle, tmp_path, configs, workflow_type):
         write_volume(data / f"vol_{i}.nii.gz", shape=(24, 24, 24), seed=i)
     overrides = dict(TINY_AE, **TINY_DIFFUSION, bundle_root=str(root), dataset_dir=str(data))
     if workflow_type == "train":
-        overrides.update(use_mlflow=False, cache="none", patch_size=[32, 32, 32], val_fraction=0.5, scale_factor_batches=1)
+        overrides.update(use_mlflow=False, cache="none", patch_size=[32, 32, 32], val_fraction=0.5, batch_size=1)
     config_file = [str(root / "configs" / c) for c in configs]
     workflow = ConfigWorkflow(
         config_file=config_file if len(config_file) > 1 else config_file[0],

@@ -297,14 +297,9 @@ def test_reshuffle_each_pass_of_a_distributed_sampler():
 def test_compiled_shares_the_networks_parameters():
     network = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=[2, 2])
     assert compiled(network, False) is network and compiled(network, None) is network
-    module = compiled(network, "eager")  # TorchDynamo with no code generation: the wiring, in seconds
+    module = compiled(network, "eager")  # compiled at its first call: tests/test_training.py trains one
     assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and module._orig_mod is network
     assert [p.data_ptr() for p in module.parameters()] == [p.data_ptr() for p in network.parameters()]
-    x = torch.rand(1, 1, 16, 16, 16)
-    torch.manual_seed(0)  # the same draw of the latent in both
-    expected = network(x)[0]
-    torch.manual_seed(0)
-    torch.testing.assert_close(module(x)[0], expected)
     assert compiled(network, "reduce-overhead")._orig_mod is network  # an Inductor mode (compiled at the first call)
     with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*reduce-overhead.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
         compiled(network, "fast")

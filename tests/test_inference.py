@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
+import logging
 import math
 import os
 import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -123,6 +126,24 @@ def write_mni_int16(path, array, affine):
     return path
 
 
+def run_in_process(config_file, **overrides) -> subprocess.CompletedProcess:
+    """A bundle run in this process, as a completed process: its exit status (0, or a SystemExit's
+    code) and its log lines as ``stdout``."""
+    stream, root = io.StringIO(), logging.getLogger()
+    handler, level = logging.StreamHandler(stream), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        run_workflow(config_file, **overrides)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["in-process", str(config_file)], code, stream.getvalue())
+
+
 @pytest.fixture(scope="module")
 def recon_runs(tmp_path_factory, trained_autoencoder):
     tmp = tmp_path_factory.mktemp("reconstruction")
@@ -159,7 +180,8 @@ def recon_runs(tmp_path_factory, trained_autoencoder):
     limit = dict(max_voxels=200_000)
     first = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="nifti", **limit))
     after_first = snapshot(out)
-    second = run_bundle(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="pt", output_dtype="float32", **limit))
+    # the same folder again, in this process (the command line's exit status and log are the first run's)
+    second = run_in_process(RECON_CONFIG, **recon_overrides(inputs, out, ckpt, save_latent="pt", output_dtype="float32", **limit))
     return dict(
         inputs=inputs, out=out, good=good, bad=bad, before=before, first=first, second=second, after_first=after_first
     )
