@@ -264,6 +264,20 @@ def test_resume_is_exact_when_epoch_length_does_not_divide_the_loader():
     assert len({tuple(b) for b in whole.values()}) > 1, "epochs are shuffled differently"
 
 
+def test_a_graph_that_fails_to_compile_runs_eagerly():
+    """A backend that cannot compile (as Inductor without a C++ compiler): the step runs eagerly, with
+    the eager result, instead of stopping the training."""
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(failing_backend, name="failing_for_tests")
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.ReLU())
+    x = torch.rand(1, 1, 6, 6, 6)
+    torch.testing.assert_close(compiled(network, "failing_for_tests")(x), network(x))
+
+
 def _passes_of_rank0(reshuffle: bool, start_epoch: int = 0) -> dict[int, list[list[int]]]:
     """Rank 0's batches of a DistributedSampler over 8 items and 2 ranks (4 items, 2 batches of 2 per
     pass), in epochs of 6 steps: three passes per epoch, grouped per epoch and pass."""
