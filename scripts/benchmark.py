@@ -5,10 +5,10 @@
 
 It measures, in one process: one full autoencoder training step as ``AutoencoderKLTrainer`` runs it
 (generator forward, L1 + KL + adversarial, backward, optimizer step, discriminator step) for MONAI's
-stock ``AutoencoderKL`` and the bundle's network for each factor set and layout, eager and under
-``torch.compile`` as the training config's ``compile`` applies it (``--compile``: the modes or backends,
-none for eager only); the diffusion UNet's training step on the latents of each total factor, the same; and reconstruction of
-one large volume through the inference config's tiled path (TiledInferer). Peak memory is
+stock ``AutoencoderKL`` and the bundle's network for each factor set and layout; the diffusion UNet's
+training step on the latents of each total factor; each eager and under ``torch.compile`` as the
+training config's ``compile`` applies it (``--compile``: its values; none for eager only); and
+reconstruction of one large volume through the inference config's tiled path (TiledInferer). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
 after warm-up. It prints a table and writes JSON.
 """
