@@ -119,8 +119,11 @@ class EpochSeed:
         torch.manual_seed(epoch_seed)
         if self.transform is not None:
             self.transform.set_random_state(seed=epoch_seed)
-        if engine.state.dataloader is not None:
-            engine.set_data(engine.state.dataloader)  # a fresh pass, shuffled by the generators just seeded
+        # a fresh pass, shuffled by the generators just seeded; not for the rest of an epoch that a
+        # time-limited run stopped in the middle of: ignite resumes it for its remaining steps only
+        starts_at_boundary = not engine.state.epoch_length or engine.state.iteration % engine.state.epoch_length == 0
+        if engine.state.dataloader is not None and starts_at_boundary:
+            engine.set_data(engine.state.dataloader)
 
 
 class ReshuffleEachPass:

@@ -308,6 +308,19 @@ def test_reshuffle_each_pass_of_a_distributed_sampler():
     assert _passes_of_rank0(reshuffle=True, start_epoch=1)[2] == reshuffled[2]
 
 
+def test_a_run_resumed_in_the_middle_of_an_epoch_finishes_that_epoch_only():
+    """A time-limited run stops mid-epoch and its checkpoint holds that iteration: resumed, the epoch
+    runs its remaining steps, so every later epoch (and an iteration-based schedule) keeps its place."""
+    loader = DataLoader(list(range(10)), batch_size=1, shuffle=True)
+    engine = Engine(lambda e, b: None)
+    EpochSeed(7).attach(engine)
+    steps = []
+    engine.add_event_handler(Events.STARTED, lambda e: e.load_state_dict({"iteration": 5, "epoch_length": 4, "max_epochs": 3}))
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append((e.state.epoch, e.state.iteration)))
+    engine.run(loader, max_epochs=3, epoch_length=4)
+    assert steps == [(2, 6), (2, 7), (2, 8), (3, 9), (3, 10), (3, 11), (3, 12)]
+
+
 def test_compiled_shares_the_networks_parameters():
     network = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=[2, 2])
     assert compiled(network, False) is network and compiled(network, None) is network
