@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import Compose, Invertd
 
 from conftest import (
@@ -829,6 +830,43 @@ def test_generation_uses_the_saved_scale_factor(tmp_path, trained_autoencoder, t
         arrays[name] = samples(out, 0)[0].get_fdata()
     # same seed, same networks: only the scale factor differs, and the volumes follow it
     assert np.abs(arrays["saved"] - arrays["rescaled"]).max() > 1e-3
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The best possible diffusion model of a single latent ``x0``: its exact prediction (velocity or
+    noise) under the training noise schedule, for any noisy input and step."""
+
+    def __init__(self, x0: torch.Tensor, scheduler: DDPMScheduler) -> None:
+        super().__init__()
+        self.x0, self.scheduler = x0, scheduler
+
+    def forward(self, x, timesteps, context=None, class_labels=None):
+        alpha_bar = self.scheduler.alphas_cumprod[timesteps.long().cpu()].view(-1, 1, 1, 1, 1).to(x)
+        noise = (x - alpha_bar.sqrt() * self.x0) / (1 - alpha_bar).sqrt()
+        if self.scheduler.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * self.x0
+        return noise
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_sampling_an_exact_denoiser_returns_its_latent(tmp_path, trained_autoencoder, trained_diffusion, prediction_type):
+    """Training and sampling agree: the exact denoiser of one latent under the schedule and
+    prediction type that model.pt records (what training used), sampled through inference.yaml
+    (DDIM, the inferer's latent scale factor, decoding, saving), writes that latent's decoding."""
+    ckpt = torch.load(trained_diffusion["ckpt"], weights_only=True)
+    ckpt["noise_schedule"] = dict(ckpt["noise_schedule"], prediction_type=prediction_type)
+    path = tmp_path / "model.pt"
+    save_atomic(ckpt, path)
+    workflow = make_workflow(GENERATE_CONFIG, **generate_overrides(tmp_path / "out", trained_autoencoder, path, num_inference_steps=20))
+    workflow.initialize()
+    parse = workflow.parser.get_parsed_content
+    x0 = torch.randn(1, *parse("latent_shape"), generator=torch.Generator().manual_seed(3))
+    parse("evaluator").network = ExactDenoiser(x0, DDPMScheduler(**ckpt["noise_schedule"]))
+    workflow.run()
+    workflow.finalize()
+    with torch.no_grad():
+        expected = parse("autoencoder").decode(x0 / ckpt["scale_factor"]).clamp(0, 1)[0, 0]
+    np.testing.assert_allclose(samples(tmp_path / "out", 0)[0].get_fdata(), expected.numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [[16, 16, 18], [16, 16, 20]])
