@@ -55,11 +55,14 @@ class ClassConditionedDiffusionModelUNet(DiffusionModelUNet):
             no_class = self.num_class_embeds - 1
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), NO_CLASS, device=x.device, dtype=torch.long)
-            class_labels = class_labels.to(device=x.device, dtype=torch.long)
-            if bool(((class_labels < NO_CLASS) | (class_labels >= no_class)).any()):
+            # checked where reading them costs no wait for the GPU: labels on the GPU come from the
+            # datalist's classes (scripts.data.with_class_index) or a checked --condition, and a
+            # check there would stop the host at every step until the GPU caught up
+            if class_labels.device.type == "cpu" and bool(((class_labels < NO_CLASS) | (class_labels >= no_class)).any()):
                 raise ValueError(
                     f"class labels {class_labels.tolist()} out of range: expected 0..{no_class - 1}, or {NO_CLASS} for no class."
                 )
+            class_labels = class_labels.to(device=x.device, dtype=torch.long)
             class_labels = torch.where(class_labels == NO_CLASS, no_class, class_labels)
         return super().forward(
             x, timesteps, context, class_labels, down_block_additional_residuals, mid_block_additional_residual

@@ -66,7 +66,6 @@ def report_errors() -> None:
         sys.excepthook = _excepthook
 
 
-# network arguments a command line never needs: fixed by the bundle or runtime switches
 def reconstruct_command(checkpoint: str | Path) -> str:
     """The command that reconstructs scans with ``checkpoint`` (the network and preprocessing come from it)."""
     return (

@@ -62,17 +62,6 @@ TINY_LATENT = [4, 4, 4]  # the latent of a 16^3 patch at the default total facto
 # helpers
 
 
-def cli_value(value) -> str:
-    """A value as MONAI's command line (python-fire) reads it."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(cli_value(v) for v in value) + "]"
-    return str(value)
-
-
-def overrides_cli(values: dict) -> list[str]:
-    return [part for key, value in values.items() for part in (f"--{key}", cli_value(value))]
-
-
 def run_cli(args: list[str], cwd: Path, pythonpath: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python <args>`` with only ``pythonpath`` on PYTHONPATH; stdout and stderr merged."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
