@@ -73,6 +73,8 @@ RUNTIME_ONLY_ARGS = frozenset({"use_checkpoint", "use_flash_attention"})
 # arguments added after checkpoints were shipped: absent on one side means the network's default
 # (a checkpoint saved before ``norm`` was recorded holds GroupNorm weights)
 LATER_ARG_DEFAULTS = {"norm": "group", "shortcut": False}
+# older spellings of the same network: shortcut=True was the pool shortcut before the cosine one existed
+OLDER_ARG_VALUES = {"shortcut": {True: "pool", False: None}}
 
 
 def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, what: str) -> None:
@@ -84,6 +86,10 @@ def check_args(saved: Mapping | None, configured: Mapping, path: str | Path, wha
         if key in saved or key in configured:
             saved.setdefault(key, default)
             configured.setdefault(key, default)
+    for key, values in OLDER_ARG_VALUES.items():
+        for args in (saved, configured):
+            if isinstance(args.get(key), bool):
+                args[key] = values[args[key]]
     keys = (set(saved) | set(configured)) - RUNTIME_ONLY_ARGS
     diff = sorted(k for k in keys if saved.get(k) != configured.get(k))
     if diff:

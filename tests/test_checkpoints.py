@@ -150,6 +150,18 @@ def test_check_args_norm_absent_means_group():
         check_args(dict(old, norm="channel"), old, "x.pt", "autoencoder_ckpt")
 
 
+def test_check_args_shortcut_true_means_pool():
+    """Checkpoints saved before the cosine shortcut existed record shortcut=True for the pool one
+    (the 4x weights of model.pt) and False or nothing for none."""
+    old = dict(args_of([2, 2]), shortcut=True)
+    check_args(old, dict(old, shortcut="pool"), "x.pt", "autoencoder_ckpt")
+    check_args(dict(old, shortcut=False), dict(old, shortcut=None), "x.pt", "autoencoder_ckpt")
+    with pytest.raises(ValueError, match=r"trained with shortcut='pool'.*config has shortcut='cosine'"):
+        check_args(old, dict(old, shortcut="cosine"), "x.pt", "autoencoder_ckpt")
+    with pytest.raises(ValueError, match=r"trained with shortcut=None.*config has shortcut='pool'"):
+        check_args({k: v for k, v in old.items() if k != "shortcut"}, old, "x.pt", "autoencoder_ckpt")
+
+
 def test_load_network_old_group_norm_checkpoint(tmp_path):
     """A checkpoint whose args and state dict do not record norm loads into norm='group' only."""
     trained = tiny_ae(downsample_factors=[2, 2], layout="space_to_depth", norm="group")

@@ -21,8 +21,8 @@ def parse(*files: str, **overrides) -> ConfigParser:
 @pytest.mark.parametrize(
     "example, total, latent",
     [
-        ("factors_8x.yaml", (8, 8, 8), (32, 16, 16, 8)),
-        ("factors_16x.yaml", (16, 16, 16), (64, 8, 8, 4)),
+        ("factors_8x.yaml", (8, 8, 8), (128, 16, 16, 8)),
+        ("factors_16x.yaml", (16, 16, 16), (1024, 8, 8, 4)),
         ("anisotropic.yaml", (4, 4, 2), (16, 16, 16, 16)),
     ],
 )

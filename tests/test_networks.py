@@ -7,9 +7,12 @@ attention) and every input is the smallest size the total factor allows, so the 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.nets.autoencoderkl import AEKLDownsample
@@ -23,6 +26,7 @@ from scripts.networks import (
     FactorDownsample,
     Reconstructor,
     SpaceToDepth,
+    cosine_basis,
     shortcut_factors,
     total_factor,
 )
@@ -326,7 +330,7 @@ def test_channel_norm_is_not_monai_default():
     channel = make_ae(3, [2, 2], "strided", norm="channel")
     assert group.is_monai_default and "norm" not in group.state_dict()
     assert not channel.is_monai_default and _recorded_norm(channel.state_dict()) == "channel"
-    with pytest.raises(ValueError, match=r"norm 'group', shortcut False \(no factors recorded: MONAI's default\).*norm 'channel'"):
+    with pytest.raises(ValueError, match=r"norm 'group', shortcut None \(no factors recorded: MONAI's default\).*norm 'channel'"):
         channel.load_state_dict(AutoencoderKL(**tiny_kwargs(3)).state_dict())
 
 
@@ -691,16 +695,73 @@ def test_shortcut_pools_as_evenly_as_the_latent_allows(total, latent, pool):
 
 
 def test_shortcut_refuses_latent_channels_it_cannot_fill():
-    with pytest.raises(ValueError, match=r"shortcut=True needs latent_channels \(3\)"):
+    with pytest.raises(ValueError, match=r"shortcut='pool' needs latent_channels \(3\)"):
         make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=3, shortcut=True)
+    with pytest.raises(ValueError, match=r"shortcut='cosine' needs latent_channels \(65\).*from 1 to 64"):
+        make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=65, shortcut="cosine")
+    with pytest.raises(ValueError, match=r"shortcut must be one of \('pool', 'cosine'\).*got 'dct'"):
+        make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut="dct")
 
 
 def test_shortcut_is_recorded_and_refused_on_mismatch():
-    with_shortcut = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=True)
+    pool = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=True)
+    cosine = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut="cosine")
     without = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16)
-    with pytest.raises(ValueError, match="shortcut True.*shortcut False"):
-        without.load_state_dict(with_shortcut.state_dict())
+    assert pool.shortcut == "pool" and without.shortcut is None
+    # pool and none are recorded as before the cosine shortcut existed (True / False), so older code reads them
+    assert pool.state_dict()["shortcut"].dtype == torch.bool and not without.state_dict()["shortcut"]
+    with pytest.raises(ValueError, match="shortcut 'pool'.*shortcut None"):
+        without.load_state_dict(pool.state_dict())
+    with pytest.raises(ValueError, match="shortcut 'cosine'.*shortcut 'pool'"):
+        pool.load_state_dict(cosine.state_dict())
     without.load_state_dict(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16).state_dict())
+    # the basis is rebuilt from the arguments, not saved
+    assert "shortcut_basis" not in cosine.state_dict()
+    make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut="cosine", seed=1).load_state_dict(cosine.state_dict())
+
+
+@pytest.mark.parametrize("total, kept", [((4, 4, 4), 16), ((8, 8, 2), 10), ((2, 2), 3)])
+def test_cosine_basis_is_orthonormal_and_lowest_frequencies_first(total, kept):
+    basis = cosine_basis(total, 1, kept).double()
+    n = math.prod(total)
+    assert basis.shape == (n, kept)
+    torch.testing.assert_close(basis.T @ basis * n, torch.eye(kept, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(basis[:, 0], torch.full((n,), 1.0 / n, dtype=torch.float64))  # the first value is the cell mean
+    cells = basis.T.reshape(kept, *total)
+    if len(set(total)) == 1:  # then the first cosine along each axis: one sign change along it, none along the others
+        varies = []
+        for column in cells[1 : 1 + len(total)]:
+            changes = [int((torch.diff(torch.sign(column.sum(dim=[d for d in range(len(total)) if d != a]))) != 0).sum()) for a in range(len(total))]
+            assert sorted(changes) == [0] * (len(total) - 1) + [1]
+            varies.append(changes.index(1))
+        assert sorted(varies) == list(range(len(total)))
+    else:  # 8x8x2: the 10 lowest frequencies in cycles per voxel are all in-plane (a half cycle per voxel along z comes later)
+        torch.testing.assert_close(cells[..., 0], cells[..., 1])
+
+
+def test_cosine_shortcut_alone_is_the_linear_code_and_back():
+    """With every weight zero only the shortcut is left: the reconstruction is the projection of each
+    cell onto its kept frequencies. A volume made of those frequencies comes back exactly, and the
+    first latent channel is each cell's mean, whatever the autocast."""
+    ae = make_ae(3, [[2, 2, 1], [2, 2, 2]], "space_to_depth", norm="channel", latent_channels=6, shortcut="cosine")
+    total = (4, 4, 2)
+    basis = cosine_basis(total, 1, 6).double()
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.zero_()
+        x = torch.rand(1, 1, 8, 12, 6, dtype=torch.float64).float()
+        cells = rearrange(x.double(), "b c (s0 k0) (s1 k1) (s2 k2) -> b s0 s1 s2 c (k0 k1 k2)", k0=4, k1=4, k2=2)
+        projected = rearrange(
+            cells @ basis @ basis.T * 32, "b s0 s1 s2 c (k0 k1 k2) -> b c (s0 k0) (s1 k1) (s2 k2)", k0=4, k1=4, k2=2
+        )
+        torch.testing.assert_close(ae.reconstruct(x).double(), projected, atol=1e-5, rtol=0)
+        z = ae.encode(x)[0]
+        assert z.shape == (1, 6, 2, 3, 3)
+        torch.testing.assert_close(z[:, 0], F.avg_pool3d(x, total)[:, 0], atol=1e-6, rtol=0)
+        smooth = ae.reconstruct(projected.float())
+        torch.testing.assert_close(smooth.double(), projected, atol=1e-5, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(ae.encode(x)[0][:, 0].float(), z[:, 0], atol=1e-6, rtol=0)
 
 
 def test_monai_internals_we_build_on():

@@ -1,41 +1,64 @@
 #!/usr/bin/env bash
 # One study stage on a GPU host: install the wheels in .whl/ (MONAI and its pure-Python needs, for a
-# host without them), unpack .data/data.tar.xz, run the spec, and leave in the folder that $OUT names
-# the curves, the trimmed logs, the best runs' weights in half precision and their evaluation.
-#   OUT=results bash docs/study/device_stage.sh SPEC_FILE [KEEP_RUN ...]
+# host without them), unpack .data/data.tar.xz, run the spec, evaluate the kept runs on the validation
+# volumes, and leave in the folder that $OUT names the curves, the evaluations, the trimmed logs and
+# models.tar (the kept runs' weights in half precision) in parts of 15 MB.
+#   OUT=results CALL_SECONDS=570 BEST_OF="s8_4x s8_8x" bash docs/study/device_stage.sh SPEC_FILE [KEEP_RUN ...]
+#   PREPARE_ONLY=1 OUT=results bash docs/study/device_stage.sh -      (install and unpack only)
+# Kept: the runs named, and the best run (by validation PSNR) of each name prefix in BEST_OF (default:
+# the best run of the stage). CALL_SECONDS bounds the whole call (default 570): training is cut short
+# so that the evaluation and the packing fit.
 set -uo pipefail
+deadline=$(( SECONDS + ${CALL_SECONDS:-570} - 30 ))  # 30 s to pack what there is
+left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
 mkdir -p "${OUT:?set OUT to the folder for the results}"
 spec=$1; shift
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# A warm host keeps ignored folders of the working tree between calls: a first call may only install
+# and unpack (PREPARE_ONLY=1) into .data/, so that the next one, soon after, can carry more weights.
+site=$PWD/.data/site data=$PWD/.data/volumes
+if [[ ! -d $site/monai ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/data && tar xJf .data/data.tar.xz -C /tmp/data || exit 1
+export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore
+if [[ ! -d $data/val ]]; then
+  mkdir -p "$data" && tar xJf .data/data.tar.xz -C "$data" || exit 1
+fi
+[[ "${PREPARE_ONLY:-0}" == 1 ]] && { ls "$data/train" | wc -l; exit 0; }
+rm -rf /tmp/runs /tmp/eval; mkdir -p /tmp/eval
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-bash docs/study/run.sh "$spec" /tmp/data /tmp/runs | tee "$OUT/summary.txt"
-cp /tmp/runs/curves.csv "$OUT/"
+timeout "$(( $(left) - 60 ))" bash docs/study/run.sh "$spec" "$data" /tmp/runs
+pkill -f "monai.bundle run training"; sleep 2  # runs past their time_limit
+python3 docs/study/curves.py /tmp/runs --csv "$OUT/curves.csv" | tee "$OUT/summary.txt"
 for d in /tmp/runs/*/; do grep -v -i "warn" "$d/log.txt" | grep -v "^ *warnings\.\|^$" > "/tmp/runs/$(basename "$d").log"; done
 tar czf "$OUT/logs.tar.gz" -C /tmp/runs $(cd /tmp/runs && ls *.log)
-# the best run by validation PSNR, and any named ones, in half precision
-best=$(sed -n 1p "$OUT/summary.txt" | awk '{print $1}')
-python3 - "$OUT" "$best" "$@" <<'PY'
-import sys, torch
-out, names = sys.argv[1], dict.fromkeys(sys.argv[2:])
-for name in names:
-    ckpt = torch.load(f"/tmp/runs/{name}/model_autoencoder.pt", map_location="cpu", weights_only=True)
-    ckpt["autoencoder"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["autoencoder"].items()}
-    torch.save(ckpt, f"{out}/{name}.pt")
-    print("kept", name)
-PY
-# the bundle's evaluation of each kept model on the validation volumes, in their own grids
-names=$(printf '%s\n' "$best" "$@" | sort -u)
-for name in $names; do  # side by side: one evaluation per kept run
-  python3 -m scripts.evaluate --dataset_dir /tmp/data/val --checkpoint "/tmp/runs/$name/model_autoencoder.pt" \
-    --output_dir "/tmp/eval/$name" >"/tmp/eval_$name.log" 2>&1 &
+keep=("$@")
+for prefix in ${BEST_OF:-""}; do
+  keep+=($(awk -v p="$prefix" 'index($1, p) == 1 {print $1; exit}' "$OUT/summary.txt"))
+done
+[[ -z "${BEST_OF:-}" ]] && keep+=($(sed -n 1p "$OUT/summary.txt" | awk '{print $1}'))
+# the bundle's evaluation of each kept run on the validation volumes, in their own grids, one per GPU
+gpus=$(nvidia-smi -L | wc -l); i=0
+for name in "${keep[@]}"; do
+  CUDA_VISIBLE_DEVICES=$(( i++ % gpus )) timeout "$(left)" python3 -m scripts.evaluate --dataset_dir "$data/val" \
+    --checkpoint "/tmp/runs/$name/model_autoencoder.pt" --output_dir "/tmp/eval/$name" >"/tmp/eval/$name.log" 2>&1 &
 done
 wait
-for name in $names; do
-  { echo "## $name"; cat "/tmp/eval/$name/evaluation.md" || tail -n 5 "/tmp/eval_$name.log"; echo; } >>"$OUT/eval.md"
+for name in "${keep[@]}"; do
+  { echo "## $name"; cat "/tmp/eval/$name/evaluation.md" 2>/dev/null || tail -n 5 "/tmp/eval/$name.log"; echo; } >>"$OUT/eval.md"
 done
-[[ "${TILING:-0}" == 1 ]] && python3 docs/study/tiling_check.py "/tmp/runs/$best/model_autoencoder.pt" /tmp/data/val | tee "$OUT/tiling.txt"
+python3 - "${keep[@]}" <<'PY'
+import os, sys, torch
+for name in dict.fromkeys(sys.argv[1:]):
+    path = f"/tmp/runs/{name}/model_autoencoder.pt"
+    if not os.path.isfile(path):
+        print(f"{name}: no model_autoencoder.pt")
+        continue
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["autoencoder"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["autoencoder"].items()}
+    torch.save(ckpt, f"/tmp/runs/{name}.pt")
+    print("kept", name)
+PY
+(cd /tmp/runs && tar cf /tmp/models.tar $(ls *.pt)) && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
+[[ "${TILING:-0}" == 1 ]] && python3 docs/study/tiling_check.py "/tmp/runs/${keep[0]}/model_autoencoder.pt" "$data/val" | tee "$OUT/tiling.txt"
 grep -A 0 "^## \|mean of" "$OUT/eval.md"
+ls -la "$OUT"

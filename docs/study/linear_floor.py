@@ -1,6 +1,7 @@
 """The linear floor: a principal-component code of each cell of voxels, learned on the training
 volumes, keeping as many values per cell as the autoencoder's latent has channels; scored with the
-bundle's measure in each validation volume's own grid, beside the interpolation floor.
+bundle's measure in each validation volume's own grid, beside the interpolation floor and beside the
+two parameter-free codes of the latent shortcut (``pool`` and ``cosine``, as the network computes them).
 
 A learned autoencoder that does not beat this linear code has not yet learned what a linear
 transform gets in seconds. Run from the bundle root:
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 
 from scripts.metrics import PERCENTILES, interpolation_floor, score
+from scripts.networks import cosine_basis, shortcut_factors
 
-# (cell size per axis, values kept per cell): the shipped 4x, 8x and 16x latents, and 4x with 3 channels
-CASES = ((4, 16), (4, 3), (8, 32), (16, 64))
+# (cell size per axis, values kept per cell): the latents of the shipped and earlier weights
+CASES = ((4, 16), (4, 3), (8, 32), (8, 128), (16, 64), (16, 1024))
 SAMPLES_PER_VOLUME = 20000
+MAX_PCA_VALUES = 128  # a principal-component code of more values per cell is past this machine's memory
 
 
 def load(path: Path) -> np.ndarray:
@@ -46,6 +49,18 @@ def unit(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     return (volume - low) / max(high - low, 1e-12), low, high
 
 
+def pool_basis(f: int, k: int) -> np.ndarray:
+    """The pool shortcut's code as an orthonormal basis (``f**3`` x ``k``): the averages over the
+    sub-blocks that :func:`scripts.networks.shortcut_factors` chooses."""
+    pool, keep = shortcut_factors((f,) * 3, 1, k)
+    columns = []
+    for index in np.ndindex(*keep):
+        block = np.zeros((f, f, f))
+        block[tuple(slice(i * p, (i + 1) * p) for i, p in zip(index, pool))] = 1.0
+        columns.append(block.ravel() / np.sqrt(block.sum()))
+    return np.stack(columns, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
@@ -54,25 +69,29 @@ def main() -> None:
     train = sorted((args.data_dir / "train").glob("*.nii*"))
     val = sorted((args.data_dir / "val").glob("*.nii*"))
     for f, k in CASES:
-        samples = []
-        for path in train:
-            rows, _ = cells(unit(load(path))[0], f)
-            samples.append(rows[rng.choice(len(rows), min(len(rows), SAMPLES_PER_VOLUME), replace=False)])
-        x = np.concatenate(samples)
-        mean = x.mean(0)
-        basis = np.linalg.svd(x - mean, full_matrices=False)[2][:k].T
-        print(f"\n{f}x per axis, {k} of {f ** 3} values per cell")
-        print("| volume | PSNR (dB) | SSIM | MAE | interpolation floor (dB) |\n| --- | --- | --- | --- | --- |")
+        codes = {"pool": (pool_basis(f, k), 0.0), "cosine": (cosine_basis((f,) * 3, 1, k).double().numpy() * f**1.5, 0.0)}
+        if k <= MAX_PCA_VALUES:
+            samples = []
+            for path in train:
+                rows, _ = cells(unit(load(path))[0], f)
+                samples.append(rows[rng.choice(len(rows), min(len(rows), SAMPLES_PER_VOLUME), replace=False)])
+            x = np.concatenate(samples)
+            mean = x.mean(0)
+            codes["principal components"] = (np.linalg.svd(x - mean, full_matrices=False)[2][:k].T, mean)
+        print(f"\n{f}x per axis, {k} of {f ** 3} values per cell: PSNR (dB) / SSIM / MAE of each code")
+        print(f"| volume | {' | '.join(codes)} | interpolation floor (dB) |\n| --- |{' --- |' * (len(codes) + 1)}")
         for path in val:
             raw = load(path)
             scaled, low, high = unit(raw)
             rows, shape = cells(scaled, f)
-            coded = uncells((rows - mean) @ basis @ basis.T + mean, shape, f) * (high - low) + low
             reference = raw[: shape[0], : shape[1], : shape[2]]
-            ours = score(reference, coded)
+            results = []
+            for basis, mean in codes.values():
+                coded = uncells((rows - mean) @ basis @ basis.T + mean, shape, f) * (high - low) + low
+                r = score(reference, coded)
+                results.append(f"{r['psnr']:.2f} / {r['ssim']:.3f} / {r['mae']:.1f}")
             floor = score(reference, interpolation_floor(torch.from_numpy(reference.copy())[None, None], (f,) * 3)[0, 0].numpy())
-            print(f"| {path.name} | {ours['psnr']:.2f} | {ours['ssim']:.3f} | {ours['mae']:.1f} | {floor['psnr']:.2f} |")
-
+            print(f"| {path.name} | {' | '.join(results)} | {floor['psnr']:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Redraw the two figures of docs/quality.md from the stage curves in this folder.
+"""Redraw the figures of docs/quality.md from the stage curves in this folder.
 
     python docs/study/plots.py
 """
@@ -33,10 +33,21 @@ def main() -> None:
     shortcut += load(5, "s5_8x_lv8", "8x, no shortcut") + load(6, "s6_8x_sc", "8x, shortcut")
     shortcut += load(5, "s5_16x_lv8", "16x, no shortcut") + load(6, "s6_16x_sc", "16x, shortcut")
     plot(shortcut, DOCS / "quality_shortcut.png", "The latent shortcut, from scratch: two runs per H100, 380 s each (2026-11-27)")
+    latent = load(8, "s8_8x_l32", "8x, pool, 32 channels") + load(8, "s8_8x_l128_lr5e-4", "8x, pool, 128")
+    latent += load(9, "s9_8x_l64_cos", "8x, cosine, 64") + load(9, "s9_8x_l128_cos", "8x, cosine, 128")
+    latent += load(8, "s8_16x_l64", "16x, pool, 64 channels") + load(8, "s8_16x_l1024", "16x, pool, 1024")
+    latent += load(9, "s9_16x_l256_cos", "16x, cosine, 256") + load(9, "s9_16x_l1024_cos", "16x, cosine, 1024")
+    plot(latent, DOCS / "quality_latent.png", "Latent channels and the shortcut at 8x and 16x, from scratch (pool: lr 2e-4, 8x 128: 5e-4; cosine: 5e-4), two runs per H100 (2026-11-27)")
     four = load(6, "s6_4x_sc_lr5e-4", "4x, 16 latent channels")
-    four += load(7, "s7_4x_const", "4x, 16 latent channels", four)
-    shipped = four + load(6, "s6_8x_sc", "8x, 32 latent channels") + load(6, "s6_16x_sc", "16x, 64 latent channels")
-    plot(shipped, DOCS / "quality_training.png", "Shipped weights: validation PSNR through the training stages (H100, 2026-11-27)")
+    for stage, run in ((7, "s7_4x_const"), (8, "s8_4x_cont"), (9, "s9_4x_pool_decay"), (10, "s10_4x_pool")):
+        four += load(stage, run, "4x, 16 latent channels", four)
+    eight = load(9, "s9_8x_l128_cos", "8x, 128 latent channels")
+    eight += load(10, "s10_8x_cos", "8x, 128 latent channels", eight)
+    sixteen = load(11, "s11_16x_c32", "16x, 1024 latent channels")
+    wide = load(9, "s9_16x_l1024_cos", "16x, 1024, channels (64, 128, 128)")
+    wide += load(10, "s10_16x_cos", "16x, 1024, channels (64, 128, 128)", wide)
+    plot(four + eight + sixteen + wide, DOCS / "quality_training.png", "Shipped weights: validation PSNR through the training stages (H100, 2026-11-27)")
+
 
 if __name__ == "__main__":
     main()
