@@ -683,18 +683,18 @@ def test_tiled_matches_whole_volume_reconstruction(tmp_path, trained_autoencoder
     # margins that windows smaller than this 24x20x20 volume allow, so the agreement is not exact
     # here (it is where the margin holds the receptive field:
     # test_config_tiled_reconstruction_equals_whole_volume_reconstruction). Measured for this
-    # 60-iteration autoencoder (cosine shortcut, trained on the split by file-name hash): 28.0 dB
-    # between the margin-4 result and the whole one, 46.9 dB with margin 8 (the pool shortcut: 25.3
-    # and 35.1), 18.2 dB between the whole result and the input (the pool shortcut: 13.1; GroupNorm
-    # with Gaussian-blended 16^3 windows gave 24.4 dB between tiles and whole). So: agreement to 24
-    # and 33 dB, growing with the margin, far better than a displaced copy or the input, and an
-    # equally good reconstruction (within 0.5 dB).
+    # 60-iteration autoencoder (trained on the split by file-name hash): 25.3 dB between the margin-4
+    # result and the whole one, 35.1 dB with margin 8 (30.2 and 39.8 with the earlier NumPy split's
+    # training volumes), 19.5-21.8 dB between either and the whole result moved by one network voxel
+    # (2 input voxels), 13.1 dB between the whole result and the input (11.0 before; GroupNorm with Gaussian-blended
+    # 16^3 windows gave 24.4 dB before). So: agreement to 24 and 33 dB, growing with the margin, far
+    # better than a displaced copy or the input, and an equally good reconstruction (within 0.5 dB).
     agreement = {name: psnr(results[name][0], whole) for name in ("margin4", "margin8")}
     assert agreement["margin4"] > 24.0 and agreement["margin8"] > 33.0, agreement
     assert agreement["margin8"] > agreement["margin4"] + 5.0, agreement
     baseline = psnr(whole, original)
     for name, value in agreement.items():
-        assert value > baseline + 8.0, (name, value, baseline)
+        assert value > baseline + 10.0, (name, value, baseline)
         assert abs(results[name][1] - results["whole"][1]) < 0.5
         for axis in range(3):
             for shift in (-2, 2):

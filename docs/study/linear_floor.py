@@ -69,7 +69,11 @@ def main() -> None:
     train = sorted((args.data_dir / "train").glob("*.nii*"))
     val = sorted((args.data_dir / "val").glob("*.nii*"))
     for f, k in CASES:
-        codes = {"pool": (pool_basis(f, k), 0.0), "cosine": (cosine_basis((f,) * 3, 1, k).double().numpy() * f**1.5, 0.0)}
+        codes = {"cosine": (cosine_basis((f,) * 3, 1, k).double().numpy() * f**1.5, 0.0)}
+        try:
+            codes["pool"] = (pool_basis(f, k), 0.0)
+        except ValueError:  # no split of the cell into k sub-blocks (4x with 3 values)
+            pass
         if k <= MAX_PCA_VALUES:
             samples = []
             for path in train:
