@@ -201,7 +201,7 @@ def cosine_basis(total: Sequence[int], in_channels: int, latent_channels: int) -
     (by the sum over the axes of cycles per voxel, then the largest), scaled by ``1 / prod(total)**0.5``
     so that the first column takes the cell's mean. Keeping the lowest frequencies is the linear
     code that natural images compress best into: at 8x with 128 values per 8x8x8 cell it keeps
-    3.3 dB more of brain MRI than average-pooling into the same number of values (docs/quality.md)."""
+    3.3 dB more of the validation MRI than average-pooling into as many values (docs/quality.md)."""
     n = math.prod(total)
     if latent_channels % in_channels or not 0 < latent_channels // in_channels <= n:
         raise ValueError(
@@ -214,9 +214,11 @@ def cosine_basis(total: Sequence[int], in_channels: int, latent_channels: int) -
         rows = torch.cos(math.pi * (i[None] + 0.5) * i[:, None] / f) * math.sqrt(2.0 / f)
         rows[0] /= math.sqrt(2.0)
         axes.append(rows)
+
     def order(freq: tuple[int, ...]) -> tuple:
         cycles = [Fraction(a, f) for a, f in zip(freq, total)]
         return sum(cycles), max(cycles), freq
+
     kept = sorted(itertools.product(*(range(f) for f in total)), key=order)[: latent_channels // in_channels]
     columns = []
     for freq in kept:
@@ -719,6 +721,7 @@ class FactorAutoencoderKL(AutoencoderKL):
                 return rearrange(rearrange(x.float(), f"{full} -> {cells}", **sizes) @ basis, f"{coeffs} -> {packed}")
             values = rearrange(x.float(), f"{packed} -> {coeffs}", j=basis.shape[1]) @ (basis.T * basis.shape[0])
             return rearrange(values, f"{cells} -> {full}", **sizes)
+
 
 def format_factors(factors: Factors) -> str:
     """Factors as a user wrote them: ``(4, 2)`` when isotropic, per-axis lists otherwise."""
