@@ -9,8 +9,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.losses import JukeboxLoss, PerceptualLoss, SSIMLoss
+from torch.fft import fftn
 
-__all__ = ["build_auxiliary_losses", "build_perceptual_loss", "kl_loss"]
+__all__ = ["SpectralLoss", "build_auxiliary_losses", "build_perceptual_loss", "kl_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,17 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL divergence to the unit Gaussian, summed over the latent and averaged over the batch."""
     kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2)) - 1)
     return kl.flatten(1).sum(1).mean()
+
+
+class SpectralLoss(JukeboxLoss):
+    """MONAI's ``JukeboxLoss`` (L1 between Fourier amplitudes) with a finite gradient where an
+    amplitude is exactly 0. ``JukeboxLoss`` takes the square root of the summed squares, whose
+    gradient there is NaN; a volume repeated along an axis has such zeros, and a network that starts
+    at its pool shortcut's code returns one (``scripts.networks.start_at_shortcut``). The complex
+    absolute value gives the same amplitude with a zero gradient at 0."""
+
+    def _get_fft_amplitude(self, images: torch.Tensor) -> torch.Tensor:
+        return fftn(images, s=self.fft_signal_size, dim=self.fft_dim, norm=self.fft_norm).abs()
 
 
 def build_perceptual_loss(
@@ -47,11 +59,11 @@ def build_perceptual_loss(
 def build_auxiliary_losses(spatial_dims: int = 3, ssim_weight: float = 0.0, spectral_weight: float = 0.0) -> dict:
     """Reconstruction losses beside L1 that need no download, as ``{name: (loss, weight)}`` for the
     weights above 0: ``ssim_loss`` (MONAI's ``SSIMLoss``: 1 - SSIM, local structure and contrast) and
-    ``spectral_loss`` (MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes, which penalises the
-    loss of high frequencies that L1 alone lets a model trade for blur)."""
+    ``spectral_loss`` (:class:`SpectralLoss`, MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes,
+    which penalises the loss of high frequencies that L1 alone lets a model trade for blur)."""
     losses: dict[str, tuple[nn.Module, float]] = {}
     if ssim_weight > 0:
         losses["ssim_loss"] = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0), float(ssim_weight))
     if spectral_weight > 0:
-        losses["spectral_loss"] = (JukeboxLoss(spatial_dims=spatial_dims), float(spectral_weight))
+        losses["spectral_loss"] = (SpectralLoss(spatial_dims=spatial_dims), float(spectral_weight))
     return losses

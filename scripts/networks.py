@@ -41,6 +41,7 @@ __all__ = [
     "Reconstructor",
     "format_factors",
     "init_posterior",
+    "start_at_shortcut",
     "SHORTCUTS",
     "cosine_basis",
     "shortcut_factors",
@@ -776,6 +777,22 @@ def _check_factors(
         )
 
 
+def start_at_shortcut(autoencoder: AutoencoderKL) -> AutoencoderKL:
+    """Make a new network with a latent shortcut reconstruct exactly its shortcut's code: zero the
+    decoder's output convolution and ``quant_conv_mu``, so that the network adds nothing to the code
+    until training finds what the code misses (both layers get gradients from the first step).
+    Started at random instead, a network with the cosine shortcut begins far below its code and
+    spends thousands of iterations getting back to it (docs/quality.md). A network without a
+    shortcut is returned unchanged."""
+    if getattr(autoencoder, "shortcut", None):
+        output = [m for m in autoencoder.decoder.blocks if isinstance(m, Convolution)][-1]
+        with torch.no_grad():
+            for conv in (output.conv, autoencoder.quant_conv_mu.conv):
+                conv.weight.zero_()
+                conv.bias.zero_()
+    return autoencoder
+
+
 def init_posterior(autoencoder: AutoencoderKL, log_var: float | None) -> AutoencoderKL:
     """Start the posterior narrow: set the bias of ``quant_conv_log_sigma`` (it outputs the log
     variance of ``z``) to ``log_var``; ``None`` keeps PyTorch's initialisation.
@@ -784,9 +801,13 @@ def init_posterior(autoencoder: AutoencoderKL, log_var: float | None) -> Autoenc
     large as the signal, and with a small KL weight only the reconstruction loss narrows it, slowly.
     With the latent shortcut that noise also reaches the output directly, so a narrow start
     (``log_var = -8``: sigma 0.02) trains faster early; without the shortcut it measured no better
-    (docs/quality.md).
+    (docs/quality.md). ``log_var`` is the noise each output voxel gets through the shortcut: the
+    cosine shortcut adds up the noise of its ``k`` frequencies in every voxel, so there each latent
+    value starts ``k`` times narrower in variance.
     """
     if log_var is not None:
+        if getattr(autoencoder, "shortcut", None) == "cosine":
+            log_var = float(log_var) - math.log(autoencoder.shortcut_basis.shape[1])
         nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, float(log_var))
     return autoencoder
 

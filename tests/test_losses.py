@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from scripts.losses import build_auxiliary_losses, build_perceptual_loss, kl_loss
+from scripts.losses import SpectralLoss, build_auxiliary_losses, build_perceptual_loss, kl_loss
 
 
 def test_kl_loss():
@@ -97,3 +97,23 @@ def test_build_auxiliary_losses():
     for name, (loss, _) in losses.items():
         assert loss(x, x).item() == pytest.approx(0.0, abs=1e-4), name
         assert loss(blurred, x).item() > 1e-3, name
+
+
+def test_spectral_loss_has_finite_gradients_where_an_amplitude_is_zero():
+    """A volume repeated 2x along an axis (what a network started at its pool shortcut's code returns)
+    has Fourier amplitudes of exactly 0: MONAI's JukeboxLoss gives NaN gradients there, SpectralLoss
+    the same value with finite gradients."""
+    from monai.losses import JukeboxLoss
+
+    torch.manual_seed(0)
+    target, half = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 4, 8, 8)
+    for loss in (JukeboxLoss(spatial_dims=3), SpectralLoss(spatial_dims=3)):
+        blocky = half.repeat_interleave(2, dim=2).requires_grad_()
+        value = loss(blocky, target)
+        value.backward()
+        if isinstance(loss, SpectralLoss):
+            assert torch.isfinite(blocky.grad).all()
+            torch.testing.assert_close(value, expected)
+        else:
+            assert torch.isnan(blocky.grad).any()  # why SpectralLoss exists: if MONAI fixes this, drop it
+            expected = value.detach()

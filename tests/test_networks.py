@@ -783,3 +783,41 @@ def test_monai_internals_we_build_on():
         used = set(re.findall(r"self\.(\w+)", inspect.getsource(getattr(AutoencoderKL, name))))
         missing = sorted(a for a in used if not hasattr(ours, a))
         assert not missing, f"MONAI's AutoencoderKL.{name} uses {missing}, which FactorAutoencoderKL does not set"
+
+
+@pytest.mark.parametrize("shortcut, latent", [("pool", 16), ("cosine", 16), ("cosine", 7)])
+def test_a_new_network_starts_at_its_shortcut_code_and_learns_from_there(shortcut, latent):
+    """start_at_shortcut: the untrained network reconstructs exactly what its shortcut alone does, and
+    one optimizer step moves it (the zeroed layers get gradients)."""
+    ae = networks.start_at_shortcut(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=latent, shortcut=shortcut))
+    code = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=latent, shortcut=shortcut)
+    with torch.no_grad():
+        for p in code.parameters():
+            p.zero_()
+    x = torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ae.reconstruct(x), code.reconstruct(x), atol=1e-6, rtol=0)
+    optimizer = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    torch.nn.functional.l1_loss(ae.reconstruct(x), x).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert max_abs_diff(ae.reconstruct(x), code.reconstruct(x)) > 1e-4
+    without = make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=latent)
+    before = {k: v.clone() for k, v in without.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in networks.start_at_shortcut(without).state_dict().items())
+
+
+def test_the_posterior_starts_with_the_same_noise_per_voxel_through_either_shortcut():
+    """init_posterior's log variance is the noise an output voxel gets through the shortcut: the
+    cosine synthesis adds up the noise of its k frequencies, so each latent value starts k times
+    narrower there; the pool shortcut repeats each value, so it starts at log_var itself."""
+    torch.manual_seed(0)
+    for shortcut in ("pool", "cosine"):
+        ae = networks.init_posterior(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=shortcut), -8.0)
+        with torch.no_grad():
+            for p in ae.decoder.parameters():
+                p.zero_()
+            ae.quant_conv_log_sigma.conv.weight.zero_()
+            z_mu, z_sigma = ae.encode(torch.rand(1, 1, 32, 32, 32))
+            noise = ae.decode(z_mu + z_sigma * torch.randn_like(z_sigma)) - ae.decode(z_mu)
+        assert noise.std().item() == pytest.approx(math.exp(-4.0), rel=0.05), shortcut
