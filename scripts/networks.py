@@ -720,7 +720,7 @@ class FactorAutoencoderKL(AutoencoderKL):
         with torch.autocast(x.device.type, enabled=False):
             if analysis:
                 return rearrange(rearrange(x.float(), f"{full} -> {cells}", **sizes) @ basis, f"{coeffs} -> {packed}")
-            values = rearrange(x.float(), f"{packed} -> {coeffs}", j=basis.shape[1]) @ (basis.T * basis.shape[0])
+            values = (rearrange(x.float(), f"{packed} -> {coeffs}", j=basis.shape[1]) * basis.shape[0]) @ basis.T  # scale the few coefficients, not the basis
             return rearrange(values, f"{cells} -> {full}", **sizes)
 
 
