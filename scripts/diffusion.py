@@ -95,27 +95,55 @@ def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.
     return latents
 
 
-def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None) -> float:
-    """1 / std of the latents that training samples (mean ``z_mu``, spread ``z_sigma``): the latent
-    scale factor of ``LatentDiffusionInferer`` (Rombach et al.). Computed once at the start of
-    diffusion training and saved with the diffusion model; a run that continues a model.pt or a
-    checkpoint reuses its value."""
+MIN_RELATIVE_STD = 1e-3  # a latent channel nearly constant on the training data is scaled as if this much of the widest one's spread
+
+
+def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None) -> float | list[float]:
+    """1 / std of each latent channel that training samples (mean ``z_mu``, spread ``z_sigma``): the
+    latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.), one per channel, so that every
+    channel enters the diffusion model with unit variance. A single factor would leave the channels of
+    a cosine shortcut (its first, the cell mean, several times wider than the rest, its highest
+    frequencies hundreds of times narrower) below the noise of the last sampling steps. Computed once
+    at the start of diffusion training and saved with the diffusion model; a run that continues a
+    model.pt or a checkpoint reuses its value (a single float in models trained before)."""
     if resume_from is not None:
         scale = load_checkpoint(resume_from, "checkpoint").get("scale_factor")
         if scale is None:
             raise ValueError(f"checkpoint '{resume_from}' holds no scale_factor; is it a diffusion model.pt or checkpoint?")
-        logger.info(f"latent scale factor {float(scale):.6f}, from {resume_from}")
-        return float(scale)
+        logger.info(f"latent scale factor {describe_scale(scale)}, from {resume_from}")
+        return scale
     if not latents:
         raise ValueError("no training latents; cannot compute the latent scale factor.")
-    mu = torch.cat([item["z_mu"].double().flatten() for item in latents])
-    sigma = torch.cat([item["z_sigma"].double().flatten() for item in latents])
-    std = math.sqrt(mu.var(unbiased=False).item() + sigma.pow(2).mean().item())  # of mu + sigma * noise
-    if not std > 0:
+    mu = torch.stack([item["z_mu"].double() for item in latents]).transpose(0, 1).flatten(1)
+    sigma = torch.stack([item["z_sigma"].double() for item in latents]).transpose(0, 1).flatten(1)
+    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()  # of mu + sigma * noise, per channel
+    if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
-    scale = 1.0 / std
-    logger.info(f"latent scale factor 1/std = {scale:.6f} (std {std:.6f} over {mu.numel()} latent values)")
+    scale = (1.0 / std.clamp(min=MIN_RELATIVE_STD * std.max().item())).tolist()
+    logger.info(f"latent scale factor 1/std per channel: {describe_scale(scale)} over {mu.shape[1]} values per channel")
     return scale
+
+
+def describe_scale(scale: float | Sequence[float]) -> str:
+    """A scale factor in one short line: the value, or the range of the per-channel values."""
+    values = torch.as_tensor(scale, dtype=torch.float64).flatten()
+    if values.numel() == 1:
+        return f"{values.item():.6f}"
+    return f"{values.min().item():.6f} to {values.max().item():.6f} ({values.numel()} channels)"
+
+
+def latent_scale(scale_factor: float | Sequence[float], latent_channels: int) -> torch.Tensor:
+    """The saved scale factor as a tensor that multiplies latents of shape (N, C, *spatial): 0-d for
+    a single factor, (C, 1, 1, 1) per channel. Refuses a per-channel factor of another width."""
+    scale = torch.as_tensor(scale_factor, dtype=torch.float32)
+    if scale.ndim == 0:
+        return scale
+    if scale.ndim != 1 or len(scale) != latent_channels:
+        raise ValueError(
+            f"the latent scale factor has {scale.numel()} values, but the latent has {latent_channels} channels; "
+            "expected one value per channel (or a single value)."
+        )
+    return scale.reshape(-1, 1, 1, 1)
 
 
 def check_full_batches(latents: Sequence[dict], batch_size: int) -> Sequence[dict]:
@@ -149,7 +177,7 @@ def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequ
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """MONAI's ``DiffusionPrepareBatch`` over encoded latents (:func:`encode_volumes`): the batch's
     latents sampled from their posterior (``z_mu + z_sigma * noise``, as ``encode_stage_2_inputs``
-    does) and multiplied by the latent scale factor, then noised for ``DiffusionInferer``, with the
+    does) and multiplied by the latent scale factor (:func:`latent_scale`), then noised for ``DiffusionInferer``, with the
     target of the scheduler's ``prediction_type``. For a
     class-conditioned model each item's class label (``condition_name``) is replaced by "no class"
     with probability ``condition_dropout``: the model learns the unconditioned prediction beside the
@@ -158,7 +186,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     def __init__(
         self,
         scheduler: Scheduler,
-        scale_factor: float,
+        scale_factor: float | torch.Tensor,
         condition_name: str | None = None,
         condition_dropout: float = 0.0,
     ) -> None:
@@ -166,7 +194,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         if not 0.0 <= condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout!r}.")
         self.scheduler = scheduler
-        self.scale_factor = float(scale_factor)
+        self.scale_factor = torch.as_tensor(scale_factor, dtype=torch.float32)  # 0-d, or (C, 1, 1, 1): see latent_scale
         self.condition_dropout = condition_dropout
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -181,7 +209,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
         z_mu = batchdata["z_mu"].to(device, non_blocking=non_blocking)
         z_sigma = batchdata["z_sigma"].to(device, non_blocking=non_blocking)
-        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor
+        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor.to(z_mu.device)
         images, target, args, infer_kwargs = super().__call__(dict(batchdata, image=latents), device, non_blocking, **kwargs)
         if "condition" in infer_kwargs and self.condition_dropout > 0:
             labels = infer_kwargs["condition"].long()

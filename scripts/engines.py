@@ -65,19 +65,27 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
 
 def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
     """The module a trainer runs: ``network`` through ``torch.compile`` when ``compile`` is true
-    (TorchInductor), names an Inductor mode (``"reduce-overhead"``: CUDA graphs, for steps bound by
-    kernel launches; ``"max-autotune"``, ...) or names another backend (``"cudagraphs"``,
-    ``"aot_eager"``, ...), and ``network`` itself when it is false. The compiled module shares the
-    network's parameters, so checkpoints, the moving average and validation keep using the bare
+    (TorchInductor), names an Inductor mode (``"max-autotune-no-cudagraphs"``, ...) or names another
+    backend (``"aot_eager"``, ...), and ``network`` itself when it is false. The compiled module shares
+    the network's parameters, so checkpoints, the moving average and validation keep using the bare
     network and its keys. Where a graph cannot be compiled (no C++ compiler for CPU kernels, an
     operation the compiler does not handle), TorchDynamo runs it eagerly and warns, instead of
-    stopping the training."""
+    stopping the training.
+
+    Modes with CUDA graphs (``reduce-overhead``, ``max-autotune``, the ``cudagraphs`` backend) are
+    refused: on an H100 the autoencoder's training step stopped within its first steps, reading a
+    tensor output of a CUDA graph that the next replay had overwritten."""
     if compile is None or compile is False:
         return network
     import torch._inductor  # here: its import costs every run a second or more
 
-    modes = list(torch._inductor.list_mode_options())
-    backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
+    modes = [m for m in torch._inductor.list_mode_options() if not torch._inductor.list_mode_options(m).get("triton.cudagraphs")]
+    backends = sorted((set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}) - {"cudagraphs"})
+    if compile in ("cudagraphs", *set(torch._inductor.list_mode_options()) - set(modes)):
+        raise ValueError(
+            f"compile {compile!r} runs the networks as CUDA graphs, which this training loop does not support yet "
+            f"(a tensor output of a graph is read after the next replay overwrote it); use compile true, or one of {', '.join(modes)}."
+        )
     if compile is True or compile in modes:
         kwargs, what = {"mode": None if compile is True else compile}, f"mode {'default' if compile is True else compile}"
     elif compile in backends:

@@ -1,6 +1,6 @@
 """How good the diffusion model's samples are, measured with no downloaded network.
 
-    python -m scripts.evaluate_generation --diffusion_ckpt models/model.pt --autoencoder_ckpt models/model_autoencoder_0.3.0.pt \
+    python -m scripts.evaluate_generation --diffusion_ckpt models/model.pt --autoencoder_ckpt models/model_autoencoder.pt \
         --train_dir TRAINING_SCANS --val_dir HELD_OUT_SCANS --output_dir eval/generation --num_samples 8
 
 For each class the model knows (or once, if it is unconditional) it samples ``num_samples`` volumes
@@ -39,6 +39,7 @@ from monai.transforms import Compose, ResizeWithPadOrCrop
 
 from scripts.checkpoints import load_checkpoint, load_network
 from scripts.data import list_volumes, preprocessing
+from scripts.diffusion import latent_scale
 from scripts.io import atomic_path, write_atomic
 from scripts.networks import FactorAutoencoderKL
 
@@ -218,11 +219,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     # decoded noise: what the autoencoder makes of latents with no diffusion model at all
     generator = torch.Generator().manual_seed(args.seed)
     latent = [ckpt["autoencoder_args"]["latent_channels"], *autoencoder.latent_shape(ckpt["image_size"])]
+    scale = latent_scale(ckpt["scale_factor"], latent[0]).to(device)
     with torch.no_grad():
         noise = [
-            autoencoder.decode_stage_2_outputs(
-                torch.randn((1, *latent), generator=generator).to(device) / float(ckpt["scale_factor"])
-            )[0].float().clamp(0, 1)
+            autoencoder.decode_stage_2_outputs(torch.randn((1, *latent), generator=generator).to(device) / scale)[0]
+            .float()
+            .clamp(0, 1)
             for _ in range(args.num_samples)
         ]
     noise_feats = torch.cat([features(v) for v in noise])
@@ -284,9 +286,8 @@ def markdown(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.evaluate_generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--diffusion_ckpt", default="models/model.pt", help="the diffusion model (model.pt) to evaluate")
-    # model.pt was trained on the latents of the 4x weights of version 0.3.0; its distances so far are on their features
-    p.add_argument("--autoencoder_ckpt", default="models/model_autoencoder_0.3.0.pt", help="the autoencoder it was trained with")
-    p.add_argument("--feature_ckpt", default="models/model_autoencoder_0.3.0.pt", help="the autoencoder whose encoder gives the features")
+    p.add_argument("--autoencoder_ckpt", default="models/model_autoencoder.pt", help="the autoencoder it was trained with")
+    p.add_argument("--feature_ckpt", default="models/model_autoencoder.pt", help="the autoencoder whose encoder gives the features")
     p.add_argument("--train_dir", required=True, help="the volumes the model was trained on (folder or datalist JSON)")
     p.add_argument("--val_dir", required=True, help="held-out volumes of the same kinds (folder or datalist JSON)")
     p.add_argument("--output_dir", default="eval/generation", help="where generation.json/.md, the grids and the samples go")

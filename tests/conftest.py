@@ -73,7 +73,9 @@ TINY_DIFFUSION = dict(
     diffusion_channels=[8, 8],
     diffusion_attention_levels=[False, False],
     diffusion_num_head_channels=8,
-    diffusion_norm_num_groups=8,
+    # 4 channels per group: the timestep and class embeddings enter each residual block as a shift per
+    # channel before its GroupNorm, which a group of one channel would subtract whole
+    diffusion_norm_num_groups=2,
     num_train_timesteps=50,
 )
 

@@ -92,7 +92,7 @@ def run_job(job: dict) -> dict:
         record["val_sampler"] = [int(i) for i in evaluator.data_loader.sampler]
         record["val_metrics"] = {k: float(v) for k, v in evaluator.state.metrics.items()}
     else:
-        record["scale_factor"] = float(parsed("scale_factor"))
+        record["scale_factor"] = [float(s) for s in parsed("scale_factor")]
 
     # every rank's parameters on every rank: compare them with rank 0's
     record["params"] = {}

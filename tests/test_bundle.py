@@ -50,7 +50,6 @@ META = REPO / "configs" / "metadata.json"
 WEIGHTS = (
     "models/model_autoencoder.pt",
     "models/model.pt",
-    "models/model_autoencoder_0.3.0.pt",
     "models/model_autoencoder_8x.pt",
     "models/model_autoencoder_16x.pt",
 )
@@ -102,7 +101,6 @@ def make_checkpoints(bundle: Path) -> None:
         train = parser_for(bundle / "configs" / "train_autoencoder.yaml", **TINY_AE, downsample_factors=factors)
         network = train.get_parsed_content("autoencoder_def")
         torch.save({"autoencoder": network.state_dict(), "autoencoder_args": train.get_parsed_content("autoencoder_args")}, models / name)
-    shutil.copyfile(models / "model_autoencoder.pt", models / "model_autoencoder_0.3.0.pt")  # the 4x weights model.pt learned on
     diffusion_args = dict(
         spatial_dims=3, in_channels=TINY_AE["latent_channels"], out_channels=TINY_AE["latent_channels"], channels=[32, 32],
         attention_levels=[False, False], num_res_blocks=1, num_head_channels=32, norm_num_groups=32, num_class_embeds=None,
@@ -258,7 +256,7 @@ def test_verify_metadata_rejects_a_broken_file(schema, tmp_path):
 
 def test_metadata_versions_match_requirements():
     meta = load_meta()
-    assert meta["version"] == "0.5.0" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.6.0" and meta["version"] in meta["changelog"]
     requirements = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -506,7 +504,7 @@ def test_pack_is_deterministic_and_holds_the_bundle(bundle, tmp_path):
         (other / name).parent.mkdir(parents=True, exist_ok=True)
         (other / name).write_bytes(b"junk")
     second = pack.pack(other, tmp_path / "b")
-    assert first.name == f"{NAME}_v0.5.0.zip"
+    assert first.name == f"{NAME}_v0.6.0.zip"
     assert first.read_bytes() == second.read_bytes()
 
     names = zip_names(first)

@@ -21,8 +21,10 @@ from scripts.diffusion import (
     LatentDiffusionPrepareBatch,
     check_full_batches,
     check_latent_fits_unet,
+    describe_scale,
     encode_volumes,
     latent_noise_shape,
+    latent_scale,
     latent_scale_factor,
 )
 from scripts.networks import FactorAutoencoderKL
@@ -102,14 +104,28 @@ def test_encode_volumes_keeps_each_volume_and_its_mirror_image():
         encode_volumes(ae, [], "cpu")
 
 
-def test_latent_scale_factor_is_one_over_the_std_of_sampled_latents(tmp_path):
+def test_latent_scale_factor_is_one_over_the_std_of_each_channel_of_sampled_latents(tmp_path):
     torch.manual_seed(0)
-    latents = [{"z_mu": torch.randn(4, 2, 2, 2) * 3 + 1, "z_sigma": torch.full((4, 2, 2, 2), 0.5)} for _ in range(50)]
+    # four channels as a cosine shortcut gives them: a wide first one (the cell mean), narrower others
+    widths = torch.tensor([3.0, 1.0, 0.1, 0.01]).reshape(4, 1, 1, 1)
+    latents = [{"z_mu": torch.randn(4, 2, 2, 2) * widths + 1, "z_sigma": torch.full((4, 2, 2, 2), 0.001)} for _ in range(50)]
     samples = torch.stack([item["z_mu"] + item["z_sigma"] * torch.randn(4, 2, 2, 2) for item in latents for _ in range(40)])
-    assert latent_scale_factor(latents) == pytest.approx(1.0 / samples.std().item(), rel=0.02)
-    mu = torch.cat([item["z_mu"].flatten() for item in latents]).double()
-    assert latent_scale_factor(latents) == pytest.approx(1.0 / math.sqrt(mu.var(unbiased=False).item() + 0.25), rel=1e-9)
-    # a run that continues a model reuses its value
+    scale = latent_scale_factor(latents)
+    assert isinstance(scale, list) and len(scale) == 4
+    assert scale == pytest.approx((1.0 / samples.transpose(0, 1).flatten(1).std(1)).tolist(), rel=0.02)
+    for c in range(4):
+        mu = torch.cat([item["z_mu"][c].flatten() for item in latents]).double()
+        assert scale[c] == pytest.approx(1.0 / math.sqrt(mu.var(unbiased=False).item() + 1e-6), rel=1e-9)
+    # so every channel of the scaled latents has unit variance
+    scaled = samples * latent_scale(scale, 4)
+    torch.testing.assert_close(scaled.transpose(0, 1).flatten(1).std(1), torch.ones(4), rtol=0.03, atol=0)
+    # a channel constant on the training data is scaled as if 1e-3 as wide as the widest, not by 1 / 0
+    for item in latents:
+        item["z_mu"][3], item["z_sigma"][3] = 5.0, 0.0
+    assert latent_scale_factor(latents)[3] == pytest.approx(1.0 / (1e-3 * math.sqrt(9.0 + 1e-6)), rel=0.1)
+    # a run that continues a model reuses its value, also a single one of a model trained before
+    save_atomic({"diffusion": {}, "scale_factor": [0.5, 0.25]}, tmp_path / "model.pt")
+    assert latent_scale_factor([], str(tmp_path / "model.pt")) == [0.5, 0.25]
     save_atomic({"diffusion": {}, "scale_factor": 0.125}, tmp_path / "model.pt")
     assert latent_scale_factor([], str(tmp_path / "model.pt")) == 0.125
     save_atomic({"autoencoder": {}}, tmp_path / "ae.pt")
@@ -119,6 +135,17 @@ def test_latent_scale_factor_is_one_over_the_std_of_sampled_latents(tmp_path):
         latent_scale_factor([])
 
 
+def test_latent_scale_multiplies_each_channel_and_refuses_another_width():
+    latents = torch.ones(2, 3, 4, 4, 4)
+    torch.testing.assert_close(latents * latent_scale(0.5, 3), torch.full((2, 3, 4, 4, 4), 0.5))
+    scaled = latents * latent_scale([1.0, 2.0, 3.0], 3)
+    assert scaled[:, 0].eq(1).all() and scaled[:, 1].eq(2).all() and scaled[:, 2].eq(3).all()
+    with pytest.raises(ValueError, match="has 2 values, but the latent has 3 channels"):
+        latent_scale([1.0, 2.0], 3)
+    assert describe_scale(0.5) == "0.500000"
+    assert describe_scale([1.0, 2.0, 3.0]) == "1.000000 to 3.000000 (3 channels)"
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_prepare_batch_samples_scales_and_targets(prediction_type):
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
@@ -126,6 +153,8 @@ def test_prepare_batch_samples_scales_and_targets(prediction_type):
     batch = {"z_mu": torch.ones(3, 4, 2, 2, 2), "z_sigma": torch.zeros(3, 4, 2, 2, 2), "class_index": torch.tensor([0, 1, 2])}
     images, target, args, kwargs = prepare(batch, "cpu")
     torch.testing.assert_close(images, torch.full((3, 4, 2, 2, 2), 2.0))  # (mu + 0 * noise) * scale
+    per_channel = LatentDiffusionPrepareBatch(scheduler, latent_scale([1.0, 2.0, 3.0, 4.0], 4))(batch, "cpu")[0]
+    torch.testing.assert_close(per_channel, torch.arange(1.0, 5.0).reshape(1, 4, 1, 1, 1).expand(3, 4, 2, 2, 2))
     expected = kwargs["noise"] if prediction_type == "epsilon" else scheduler.get_velocity(images, kwargs["noise"], kwargs["timesteps"])
     torch.testing.assert_close(target, expected)
     assert kwargs["condition"].tolist() == [0, 1, 2] and args == ()

@@ -327,9 +327,12 @@ def test_compiled_shares_the_networks_parameters():
     module = compiled(network, "eager")  # compiled at its first call: tests/test_training.py trains one
     assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and module._orig_mod is network
     assert [p.data_ptr() for p in module.parameters()] == [p.data_ptr() for p in network.parameters()]
-    assert compiled(network, "reduce-overhead")._orig_mod is network  # an Inductor mode (compiled at the first call)
-    with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*reduce-overhead.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
+    assert compiled(network, "max-autotune-no-cudagraphs")._orig_mod is network  # an Inductor mode (compiled at the first call)
+    with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*max-autotune-no-cudagraphs.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
         compiled(network, "fast")
+    for mode in ("reduce-overhead", "max-autotune", "cudagraphs"):  # CUDA graphs: refused, naming what works
+        with pytest.raises(ValueError, match=rf"compile '{mode}' runs the networks as CUDA graphs, .*use compile true, or one of default"):
+            compiled(network, mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.checkpoints import load_checkpoint, load_network  # noqa: E402
+from scripts.diffusion import latent_scale  # noqa: E402
 from scripts.evaluate_generation import RealVolumes  # noqa: E402
 from scripts.networks import FactorAutoencoderKL  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(diffusion_ckpt: str, autoencoder_ckpt: str, volume: str, png: str) -> N
     autoencoder.eval()
     image = RealVolumes(ckpt, autoencoder.total_factor, torch.device("cpu"))(volume)[None]
     z_mu, _ = autoencoder.encode(image)
-    scale = float(ckpt["scale_factor"])
+    scale = latent_scale(ckpt["scale_factor"], z_mu.shape[1])
     clean = autoencoder.decode(z_mu).clamp(0, 1)
     print(f"reconstruction PSNR {psnr(clean, image):.2f} dB")
     rows = [("input", image), ("decoded", clean)]

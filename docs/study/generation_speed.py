@@ -25,7 +25,7 @@ from monai.bundle import ConfigWorkflow  # noqa: E402
 from monai.networks.schedulers import DDPMScheduler  # noqa: E402
 
 from scripts.checkpoints import load_checkpoint  # noqa: E402
-from scripts.diffusion import ClassConditionedDiffusionModelUNet  # noqa: E402
+from scripts.diffusion import ClassConditionedDiffusionModelUNet, latent_scale  # noqa: E402
 from scripts.networks import FactorAutoencoderKL  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def training_step(ckpt: dict, ae_path: str, size: list[int], batch: int, device:
         z_mu, z_sigma = autoencoder.encode(images)
     torch.cuda.synchronize()
     encode_s = time.perf_counter() - start
-    latents = z_mu * ckpt["scale_factor"]
+    latents = z_mu * latent_scale(ckpt["scale_factor"], z_mu.shape[1]).to(device)
     del autoencoder, images
 
     def step() -> None:

@@ -9,16 +9,21 @@
 # are packed within it.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
 # The volumes are .data/generation.tar.xz (a tar of train/ and val/ from prepare_generation.py).
+# The runs live in .data/gen_runs, which a warm host keeps between calls: a run whose folder holds a
+# checkpoint_last.pt resumes from it (optimizer, moving average and step count), so a long training
+# spans several calls. EVAL=0 trains only (no evaluation, no timing): the first calls of such a series.
 set -uo pipefail
 deadline=$(( SECONDS + ${CALL_SECONDS:-540} - 45 ))  # 45 s to pack what there is
 left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
 mkdir -p "${OUT:?set OUT to the folder for the results}"
 spec=$1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+site=$PWD/.data/site runs=$PWD/.data/gen_runs
+if [[ ! -d $site/monai ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONWARNINGS=ignore
-mkdir -p /tmp/gen /tmp/runs /tmp/eval && tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
+export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore
+rm -rf /tmp/eval; mkdir -p /tmp/gen "$runs" /tmp/eval
+[[ -d /tmp/gen/val ]] || tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 | tee /tmp/eval/device.txt
 
 stage() {  # name gpu autoencoder overlay overrides...
@@ -31,15 +36,18 @@ stage() {  # name gpu autoencoder overlay overrides...
     configs+=",'configs/multi_gpu_train_diffusion.yaml'"
     launch="python3 -m torch.distributed.run --standalone --nproc_per_node=$(( $(tr -cd , <<<"$gpu" | wc -c) + 1 ))"
   fi
+  local resume=()
+  [[ -f "$runs/$name/checkpoint_last.pt" ]] && resume=(--resume_from "$runs/$name/checkpoint_last.pt")
   export CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=12
   timeout "$(left)" $launch -m monai.bundle run training --config_file "[$configs]" --dataset_dir /tmp/gen/train \
-    --output_dir "/tmp/runs/$name" --autoencoder_ckpt "$ae" --condition_key class --use_mlflow False \
-    --deterministic False --max_epochs 1000 --epoch_length 1000 --time_limit "${STAGE_SECONDS:-300}" "$@" \
-    >"/tmp/runs/$name.log" 2>&1
-  timeout "$(left)" python3 -m scripts.evaluate_generation --diffusion_ckpt "/tmp/runs/$name/model.pt" --autoencoder_ckpt "$ae" \
+    --output_dir "$runs/$name" --autoencoder_ckpt "$ae" --condition_key class --use_mlflow False \
+    --deterministic False --max_epochs 1000 --epoch_length 1000 --time_limit "${STAGE_SECONDS:-300}" "$@" "${resume[@]}" \
+    >>"$runs/$name.log" 2>&1
+  [[ "${EVAL:-1}" == 0 ]] && return
+  timeout "$(left)" python3 -m scripts.evaluate_generation --diffusion_ckpt "$runs/$name/model.pt" --autoencoder_ckpt "$ae" \
     --train_dir /tmp/gen/train --val_dir /tmp/gen/val --output_dir "/tmp/eval/$name" --num_samples 8 \
     >"/tmp/eval/$name.log" 2>&1
-  timeout "$(left)" python3 docs/study/generation_speed.py "/tmp/runs/$name/model.pt" "$ae" "/tmp/eval/$name/speed.json" \
+  timeout "$(left)" python3 docs/study/generation_speed.py "$runs/$name/model.pt" "$ae" "/tmp/eval/$name/speed.json" \
     >"/tmp/eval/${name}_speed.log" 2>&1
 }
 
@@ -53,27 +61,28 @@ wait
 
 for name in "${names[@]}"; do
   echo "## $name"
-  grep -E "Epoch\[[0-9]+\] Metrics|scale factor|Error|error" "/tmp/runs/$name.log" | tail -n 4
+  grep -E "Epoch\[[0-9]+\] Metrics|scale factor|Error|error|resum" "$runs/$name.log" | tail -n 6
   cat "/tmp/eval/$name/generation.md" 2>/dev/null || tail -n 5 "/tmp/eval/$name.log"
   cat "/tmp/eval/$name/speed.json" 2>/dev/null | tr -d '\n' | cut -c1-600; echo
 done | tee /tmp/eval/summary.md
 for name in "${names[@]}"; do
   mkdir -p "/tmp/eval/$name"
-  grep -v -i "warn" "/tmp/runs/$name.log" | grep -E "Epoch|scale|INFO - >|Error" >"/tmp/eval/$name/train.log"
+  grep -v -i "warn" "$runs/$name.log" | grep -E "Epoch|scale|INFO - >|Error|resum" >"/tmp/eval/$name/train.log"
   rm -rf "/tmp/eval/$name/samples"
 done
 tar czf "$OUT/results.tar.gz" -C /tmp/eval .
 keep=(${KEEP:-${names[@]}})
-python3 - "$OUT" "${keep[@]}" <<'PY'
+rm -rf /tmp/kept; mkdir -p /tmp/kept
+python3 - "$runs" "${keep[@]}" <<'PY'
 import os, sys, torch
-out, names = sys.argv[1], sys.argv[2:]
+runs, names = sys.argv[1], sys.argv[2:]
 for name in names:
-    if not os.path.isfile(f"/tmp/runs/{name}/model.pt"):
+    if not os.path.isfile(f"{runs}/{name}/model.pt"):
         print(f"{name}: no model.pt")
         continue
-    ckpt = torch.load(f"/tmp/runs/{name}/model.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(f"{runs}/{name}/model.pt", map_location="cpu", weights_only=True)
     ckpt["diffusion"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["diffusion"].items()}
-    torch.save(ckpt, f"/tmp/runs/{name}.pt")
+    torch.save(ckpt, f"/tmp/kept/{name}.pt")
 PY
-(cd /tmp/runs && tar cf /tmp/models.tar $(for n in "${keep[@]}"; do [[ -f "$n.pt" ]] && echo "$n.pt"; done)) && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
+(cd /tmp/kept && tar cf /tmp/models.tar $(for n in "${keep[@]}"; do [[ -f "$n.pt" ]] && echo "$n.pt"; done)) && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
 ls -la "$OUT"
