@@ -95,7 +95,8 @@ def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.
     return latents
 
 
-MIN_RELATIVE_STD = 1e-3  # a latent channel nearly constant on the training data is scaled as if this much of the widest one's spread
+# a latent channel nearly constant on the training data is scaled as if it spread this much of the widest one
+MIN_RELATIVE_STD = 1e-3
 
 
 def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None) -> float | list[float]:
@@ -177,8 +178,8 @@ def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequ
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """MONAI's ``DiffusionPrepareBatch`` over encoded latents (:func:`encode_volumes`): the batch's
     latents sampled from their posterior (``z_mu + z_sigma * noise``, as ``encode_stage_2_inputs``
-    does) and multiplied by the latent scale factor (:func:`latent_scale`), then noised for ``DiffusionInferer``, with the
-    target of the scheduler's ``prediction_type``. For a
+    does) and multiplied by the latent scale factor (:func:`latent_scale`), then noised for
+    ``DiffusionInferer``, with the target of the scheduler's ``prediction_type``. For a
     class-conditioned model each item's class label (``condition_name``) is replaced by "no class"
     with probability ``condition_dropout``: the model learns the unconditioned prediction beside the
     conditioned one, which classifier-free guidance needs at sampling."""

@@ -79,9 +79,11 @@ def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
         return network
     import torch._inductor  # here: its import costs every run a second or more
 
-    modes = [m for m in torch._inductor.list_mode_options() if not torch._inductor.list_mode_options(m).get("triton.cudagraphs")]
-    backends = sorted((set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}) - {"cudagraphs"})
-    if compile in ("cudagraphs", *set(torch._inductor.list_mode_options()) - set(modes)):
+    all_modes = torch._inductor.list_mode_options()
+    graphed = {m for m in all_modes if torch._inductor.list_mode_options(m).get("triton.cudagraphs")} | {"cudagraphs"}
+    modes = [m for m in all_modes if m not in graphed]
+    backends = sorted((set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}) - graphed)
+    if compile in graphed:
         raise ValueError(
             f"compile {compile!r} runs the networks as CUDA graphs, which this training loop does not support yet "
             f"(a tensor output of a graph is read after the next replay overwrote it); use compile true, or one of {', '.join(modes)}."
