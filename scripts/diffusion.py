@@ -133,16 +133,17 @@ def describe_scale(scale: float | Sequence[float]) -> str:
     return f"{values.min().item():.6f} to {values.max().item():.6f} ({values.numel()} channels)"
 
 
-def latent_scale(scale_factor: float | Sequence[float], latent_channels: int) -> torch.Tensor:
+def latent_scale(scale_factor: float | Sequence[float], latent_channels: int, source: str = "the diffusion model") -> torch.Tensor:
     """The saved scale factor as a tensor that multiplies latents of shape (N, C, *spatial): 0-d for
-    a single factor, (C, 1, 1, 1) per channel. Refuses a per-channel factor of another width."""
+    a single factor, (C, 1, 1, 1) per channel. Refuses a per-channel factor of another width, naming
+    ``source`` (the checkpoint it came from)."""
     scale = torch.as_tensor(scale_factor, dtype=torch.float32)
     if scale.ndim == 0:
         return scale
     if scale.ndim != 1 or len(scale) != latent_channels:
         raise ValueError(
-            f"the latent scale factor has {scale.numel()} values, but the latent has {latent_channels} channels; "
-            "expected one value per channel (or a single value)."
+            f"the latent scale factor of {source} has {scale.numel()} values, but the latent has {latent_channels} "
+            "channels; expected one value per channel (or a single value)."
         )
     return scale.reshape(-1, 1, 1, 1)
 
@@ -210,7 +211,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
         z_mu = batchdata["z_mu"].to(device, non_blocking=non_blocking)
         z_sigma = batchdata["z_sigma"].to(device, non_blocking=non_blocking)
-        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor.to(z_mu.device)
+        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor.to(z_mu.device)  # no copy where already there
         images, target, args, infer_kwargs = super().__call__(dict(batchdata, image=latents), device, non_blocking, **kwargs)
         if "condition" in infer_kwargs and self.condition_dropout > 0:
             labels = infer_kwargs["condition"].long()

@@ -219,7 +219,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     # decoded noise: what the autoencoder makes of latents with no diffusion model at all
     generator = torch.Generator().manual_seed(args.seed)
     latent = [ckpt["autoencoder_args"]["latent_channels"], *autoencoder.latent_shape(ckpt["image_size"])]
-    scale = latent_scale(ckpt["scale_factor"], latent[0]).to(device)
+    scale = latent_scale(ckpt["scale_factor"], latent[0], args.diffusion_ckpt).to(device)
     with torch.no_grad():
         noise = [
             autoencoder.decode_stage_2_outputs(torch.randn((1, *latent), generator=generator).to(device) / scale)[0]

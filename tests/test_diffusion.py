@@ -140,8 +140,8 @@ def test_latent_scale_multiplies_each_channel_and_refuses_another_width():
     torch.testing.assert_close(latents * latent_scale(0.5, 3), torch.full((2, 3, 4, 4, 4), 0.5))
     scaled = latents * latent_scale([1.0, 2.0, 3.0], 3)
     assert scaled[:, 0].eq(1).all() and scaled[:, 1].eq(2).all() and scaled[:, 2].eq(3).all()
-    with pytest.raises(ValueError, match="has 2 values, but the latent has 3 channels"):
-        latent_scale([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="of model.pt has 2 values, but the latent has 3 channels"):
+        latent_scale([1.0, 2.0], 3, "model.pt")
     assert describe_scale(0.5) == "0.500000"
     assert describe_scale([1.0, 2.0, 3.0]) == "1.000000 to 3.000000 (3 channels)"
 

@@ -840,6 +840,7 @@ def test_generation_uses_the_saved_scale_factor(tmp_path, trained_autoencoder, t
     with pytest.raises(Exception) as info:
         run_workflow(GENERATE_CONFIG, **generate_overrides(tmp_path / "wrong", trained_autoencoder, wrong))
     assert "has 3 values, but the latent has 16 channels" in error_text(info.value)
+    assert str(wrong) in error_text(info.value)
     assert not (tmp_path / "wrong").exists() or not list((tmp_path / "wrong").glob("*.nii.gz"))
 
 
