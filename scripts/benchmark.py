@@ -7,10 +7,12 @@ It measures, in one process: one full autoencoder training step as ``Autoencoder
 (generator forward, L1 + KL + adversarial, backward, optimizer step, discriminator step) for MONAI's
 stock ``AutoencoderKL`` and the bundle's network for each factor set and layout; the diffusion UNet's
 training step on the latents of each total factor; each eager and under ``torch.compile`` as the
-training config's ``compile`` applies it (``--compile``: its values; none for eager only); and
+training config's ``compile`` applies it (``--compile``: its values; none for eager only); the bundle's
+own training step as its configs declare it, over patches and batches (``--training_configs``); and
 reconstruction of one large volume through the inference config's tiled path (TiledInferer). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
-after warm-up. It prints a table and writes JSON.
+after warm-up. Beside every eager training step it records the memory planner's estimate
+(``scripts.plan``: ``planned_bytes``, ``planned_seconds``). It prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDPMScheduler
 
+from scripts import plan
 from scripts.engines import AutoencoderKLTrainer, autocast, compiled
 from scripts.networks import FactorAutoencoderKL, total_factor
 
@@ -190,10 +193,11 @@ def run(args: argparse.Namespace) -> dict:
         "amp": args.amp if amp_dtype is not None else "none",
         "autoencoder": [],
         "diffusion": [],
+        "training": [],
         "reconstruction": [],
     }
 
-    def record(table: list, name: str, make: Callable[[], Callable[[], Any]], **extra: Any) -> None:
+    def record(table: list, name: str, make: Callable[[], Callable[[], Any]], **extra: Any) -> dict:
         _free(device)
         try:
             row = {"name": name, **extra, **_measure(make(), device, args.warmup, args.steps)}
@@ -201,6 +205,15 @@ def run(args: argparse.Namespace) -> dict:
             row = {"name": name, **extra, "seconds": None, "peak_bytes": None, "error": f"out of memory: {e}"}
         table.append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    def planned(row: dict, step: plan.TrainingStep, patch: Sequence[int], batch_size: int) -> None:
+        """The memory planner's estimate beside the measurement (eager steps: what it models)."""
+        if row["compile"] is None and args.amp != "none":  # the planner is calibrated for mixed precision
+            estimate = plan.probe(step)
+            row["planned_bytes"] = estimate.peak_bytes(patch, batch_size)
+            row["planned_seconds"] = estimate.step_seconds(patch, batch_size)
+            row["planned_vs_measured"] = _ratio(row["planned_bytes"], row["peak_bytes"])
 
     network, d_channels = args.network, args.discriminator_channels
 
@@ -214,14 +227,19 @@ def run(args: argparse.Namespace) -> dict:
     def label(name: str, mode: str | None) -> str:
         return name if mode is None else f"{name} compiled" + ("" if mode == "default" else f" ({mode})")
 
+    def reference_step(autoencoder: torch.nn.Module) -> plan.TrainingStep:  # as autoencoder_step trains it
+        return plan.TrainingStep(autoencoder, PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=d_channels, in_channels=1,
+                                 out_channels=1, norm="INSTANCE"), adversarial=True, auxiliary_losses={}, mixed_precision=args.amp, ema=False)
+
     for mode in modes if not args.no_stock else []:
-        record(ae, label("stock 4x", mode) if mode else "stock 4x eager",
-               lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, mode, d_channels), compile=mode)
+        row = record(ae, label("stock 4x", mode) if mode else "stock 4x eager",
+                     lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, mode, d_channels), compile=mode)
+        planned(row, reference_step(AutoencoderKL(**network)), size, batch)
     for mode in modes:
         for layout in args.layouts:
             for factors in args.factors:
                 latent = [s // f for s, f in zip(size, total_factor(tuple((f,) * 3 for f in factors)))]
-                record(
+                row = record(
                     ae,
                     label(f"{layout} {factors}", mode),
                     lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device, mode, d_channels),
@@ -230,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
                     latent_shape=[network["latent_channels"], *latent],
                     compile=mode,
                 )
+                planned(row, reference_step(make_ae(factors, layout)), size, batch)
     stock = {r["name"]: r for r in ae if r["name"].startswith("stock")}
     for row in ae:
         own4x = next((r for r in ae if r.get("layout") == row.get("layout") and r.get("factors") == [2, 2] and r["compile"] == row["compile"]), None)
@@ -263,6 +282,17 @@ def run(args: argparse.Namespace) -> dict:
         row["memory_vs_4x"], row["time_vs_4x"] = _ratio(row["peak_bytes"], base["peak_bytes"]), _ratio(row["seconds"], base["seconds"])
         row["time_vs_eager"] = _ratio(row["seconds"], eager["seconds"])
 
+    for configs, overrides in args.training_configs:
+        for patch in args.training_patches:
+            for batch_size in args.training_batches:
+                def make() -> Callable[[], Any]:
+                    torch.manual_seed(0)
+                    return plan.trainer_step(plan.training_step_from_config(configs, overrides), patch, batch_size, device)
+
+                row = record(results["training"], f"{' + '.join(Path(c).stem for c in configs)} {json.dumps(overrides)}",
+                             make, configs=configs, overrides=overrides, patch=patch, batch_size=batch_size, compile=None)
+                planned(row, plan.training_step_from_config(configs, overrides), patch, batch_size)
+
     for layout, factors in args.reconstruction:
         overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin, **args.recon_network}
         record(results["reconstruction"], f"{layout} {factors} {'x'.join(map(str, args.recon_size))}", lambda: reconstruction(args.recon_size, overrides, device), roi_size=list(args.roi_size), sw_margin=args.sw_margin)
@@ -288,6 +318,9 @@ def print_table(results: dict) -> None:
     for r in results["diffusion"]:
         print(f"{r['name']:36} {'x'.join(map(str, r['latent_shape'])):>14} {fmt(r['peak_bytes'], gib, 2):>7} {fmt(r['seconds']):>7} "
               f"mem/4x {fmt(r['memory_vs_4x'], 1, 2)} t/4x {fmt(r['time_vs_4x'], 1, 2)} t/eager {fmt(r['time_vs_eager'], 1, 2)}")
+    for r in results["training"]:
+        print(f"training {r['name']:40} {'x'.join(map(str, r['patch']))} x{r['batch_size']} {fmt(r['peak_bytes'], gib, 2):>7} GiB "
+              f"(planned {fmt(r.get('planned_bytes'), gib, 2)}) {fmt(r['seconds'])} s (planned {fmt(r.get('planned_seconds'))})")
     for r in results["reconstruction"]:
         print(f"reconstruction {r['name']:30} {fmt(r['peak_bytes'], gib, 2):>7} GiB {fmt(r['seconds'], 1, 2)} s")
 
@@ -307,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--diffusion_channels", type=int, nargs="+", default=[64, 128, 128])
     p.add_argument("--reconstruction", type=json.loads, default=[["space_to_depth", [2, 2]], ["space_to_depth", [4, 2]], ["strided", [2, 2]]],
                    help="JSON list of [layout, factors] to reconstruct a volume with")
+    p.add_argument("--training_configs", type=json.loads, default=[],
+                   help='JSON list of [config files, overrides]: the bundle\'s own training step, e.g. [[["configs/train_autoencoder.yaml"], {"layout": "strided"}]]')
+    p.add_argument("--training_patches", type=json.loads, default=[[128, 128, 64]], help="JSON list of patches for --training_configs")
+    p.add_argument("--training_batches", type=int, nargs="+", default=[1, 2], help="batch sizes for --training_configs")
     p.add_argument("--recon_size", type=int, nargs=3, default=[512, 512, 512])
     p.add_argument("--roi_size", type=int, nargs=3, default=[256, 256, 128])
     p.add_argument("--sw_margin", type=int, default=32, help="voxels of context around each window's kept centre")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts import benchmark
 
 
@@ -41,3 +43,22 @@ def test_compiled_rows_are_measured_against_the_same_network_eager():
     assert [(row["name"], row["compile"]) for row in unets] == [("UNet on 4x latents", None), ("UNet on 4x latents compiled (eager)", "eager")]
     assert unets[0]["time_vs_eager"] == 1.0 and unets[1]["time_vs_eager"] > 0
     assert results["reconstruction"] == []
+
+
+def test_training_steps_of_the_bundle_configs_are_measured_beside_the_planner():
+    """--training_configs measures the step the training config declares, over patches and batches,
+    and records the memory planner's estimate beside it (as it does for every eager autoencoder row)."""
+    tiny = {"channels": [8, 16, 16], "norm_num_groups": 8}
+    results = benchmark.main(
+        ["--smoke", "--device", "cpu", "--layouts", "space_to_depth", "--factors", "[[2, 2]]", "--no_stock",
+         "--diffusion_factors", "--reconstruction", "[]", "--compile", "eager",
+         "--training_configs", json.dumps([[[str(benchmark.BUNDLE_ROOT / "configs" / "train_autoencoder.yaml")], tiny]]),
+         "--training_patches", "[[16, 16, 16], [32, 32, 16]]", "--training_batches", "1", "2"]
+    )
+    eager, compiled = results["autoencoder"]
+    assert eager["planned_bytes"] > 0 and "planned_bytes" not in compiled  # the planner models eager steps
+    rows = results["training"]
+    assert [(r["patch"], r["batch_size"]) for r in rows] == [([16, 16, 16], 1), ([16, 16, 16], 2), ([32, 32, 16], 1), ([32, 32, 16], 2)]
+    assert all(r["seconds"] > 0 and r["planned_seconds"] > 0 for r in rows)
+    assert rows[1]["planned_bytes"] - rows[0]["planned_bytes"] == pytest.approx(
+        (rows[3]["planned_bytes"] - rows[2]["planned_bytes"]) / 4)  # in proportion to the voxels

@@ -1,0 +1,119 @@
+"""The memory planner: what it counts, how it scales, what it suggests, and that training refuses
+what it says will not fit (its agreement with a GPU is measured in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from scripts import plan
+
+from conftest import CONFIGS, TINY_NET, make_workflow, train_overrides, write_dataset
+
+TINY = {k: v for k, v in TINY_NET.items() if k in ("channels", "norm_num_groups", "latent_channels")}
+
+
+def tiny_step(**overrides) -> plan.TrainingStep:
+    return plan.training_step_from_config(str(CONFIGS / "train_autoencoder.yaml"), {**TINY, **overrides})
+
+
+def test_saved_activations_count_what_backward_keeps_and_not_the_weights():
+    conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+    x = torch.rand(2, 1, 8, 8, 8, requires_grad=True)
+    with plan.saved_activations(conv) as phases:
+        (conv(x) ** 2).sum().backward()
+    saved, largest = phases[0]
+    # the conv keeps its input (the weight is not counted), the square keeps the conv's output
+    assert saved == x.numel() * 4 + 2 * 4 * 8**3 * 4
+    assert largest == 2 * 4 * 8**3 * 4
+
+
+def test_probe_scales_with_voxels_and_leaves_the_random_state():
+    step = tiny_step()
+    state = torch.random.get_rng_state()
+    probe = plan.probe(step)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert probe.saved_per_voxel > 0 and probe.largest_per_voxel > 0 and probe.operators > 0
+    one, two, four = (probe.peak_bytes([32, 32, 32], b) for b in (1, 2, 4))
+    assert four - two == pytest.approx(2 * (two - one))  # linear in the batch's voxels
+    assert probe.peak_bytes([64, 64, 64], 1) == pytest.approx(probe.peak_bytes([32, 32, 32], 8))
+    assert probe.step_seconds([64, 64, 64], 1) > probe.step_seconds([32, 32, 32], 1) > 0
+    # the network the config will train is untouched: the probe trains a copy
+    assert all(p.grad is None for p in step.autoencoder.parameters())
+
+
+def test_what_changes_a_step_changes_the_estimate():
+    base = plan.probe(tiny_step())
+    patch = [64, 64, 64]
+    assert plan.probe(tiny_step(adv_weight=0.01)).peak_bytes(patch, 2) > base.peak_bytes(patch, 2)
+    assert plan.probe(tiny_step(layout="strided")).peak_bytes(patch, 2) > base.peak_bytes(patch, 2)
+    # gradient checkpointing is estimated as without it: an upper bound, never an underestimate
+    assert plan.probe(tiny_step(use_gradient_checkpointing=True)).peak_bytes(patch, 2) == pytest.approx(base.peak_bytes(patch, 2))
+
+
+def test_largest_batch_and_patch_fit_the_budget_and_one_more_does_not():
+    probe = plan.probe(tiny_step())
+    budget = probe.peak_bytes([64, 64, 64], 5) + 1
+    assert plan.largest_batch(probe, [64, 64, 64], budget) == 5
+    patch = plan.largest_patch(probe, [256, 256, 128], budget, batch_size=2)
+    assert probe.peak_bytes(patch, 2) <= budget
+    assert all(p % m == 0 for p, m in zip(patch, probe.spatial_multiple))
+    longest = max(range(3), key=lambda i: patch[i])
+    bigger = list(patch)
+    bigger[longest] += probe.spatial_multiple[longest]
+    assert probe.peak_bytes(bigger, 2) > budget
+    assert plan.largest_patch(probe, [256, 256, 128], probe.peak_bytes([4, 4, 4], 1) - 1) is None
+
+
+def test_check_fits_refuses_a_step_that_will_not_fit_and_names_what_does(monkeypatch):
+    step = tiny_step(mixed_precision="bf16")
+    assert plan.check_fits(step, [64, 64, 64], 2, "cpu") is None  # nothing to check on a CPU
+    probe = plan.probe(step)
+    total = (probe.peak_bytes([64, 64, 64], 3) + 1000) / 0.95  # room for batch 3, with no rounding at the edge
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    assert plan.check_fits(step, [64, 64, 64], 3, "cuda") == pytest.approx(probe.peak_bytes([64, 64, 64], 3))
+    with pytest.raises(ValueError, match=r"patch_size \[64, 64, 64\] with batch_size 8 needs about .* batch_size 3 fits"):
+        plan.check_fits(step, [64, 64, 64], 8, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=probe.peak_bytes([32, 32, 32], 1) / 0.95))
+    with pytest.raises(ValueError, match=r"patch_size \[\d+, \d+, \d+\] fits at batch_size 1"):
+        plan.check_fits(step, [64, 64, 64], 1, "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=probe.static_bytes))
+    with pytest.raises(ValueError, match="no patch fits this network: use a larger factor"):
+        plan.check_fits(step, [64, 64, 64], 1, "cuda")
+
+
+def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
+    """The training config's training_step is what the planner probes, and the check runs before
+    the first batch (on a GPU: here the check is made to refuse)."""
+    data = tmp_path / "data"
+    write_dataset(data, num_volumes=2)
+    calls = []
+
+    def refuse(step, patch, batch_size, device):
+        calls.append((type(step).__name__, list(patch), batch_size))
+        raise ValueError("planner says no")
+
+    monkeypatch.setattr(plan, "check_fits", refuse)
+    workflow = make_workflow(CONFIGS / "train_autoencoder.yaml", **train_overrides(tmp_path, data))
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as info:  # MONAI's wrapping of the config's error
+        workflow.initialize()
+    assert isinstance(info.value.__cause__, ValueError) and "planner says no" in str(info.value.__cause__)
+    assert calls == [("TrainingStep", [16, 16, 16], 1)]
+
+
+def test_command_line_plans_every_factor_and_layout(tmp_path, capsys):
+    output = tmp_path / "plan.json"
+    rows = plan.main(["--gpu_memory", "0.5", "--image_size", "64", "64", "32", "--overrides", json.dumps(TINY),
+                      "--layouts", "space_to_depth", "--output", str(output)])
+    assert [(r["factors"], r["layout"]) for r in rows] == [("4x", "space_to_depth"), ("8x", "space_to_depth"), ("16x", "space_to_depth")]
+    assert json.loads(output.read_text()) == json.loads(json.dumps(rows))
+    for r in rows:
+        assert r["patch"] is not None and r["peak_gib"] <= 0.5
+    table = capsys.readouterr().out
+    assert "largest patch" in table and "16x" in table
+    with pytest.raises(SystemExit):
+        plan.main(["--gpu_memory", "0"])
+    assert "--gpu_memory must be positive" in capsys.readouterr().err
