@@ -110,6 +110,10 @@ def test_command_line_plans_every_factor_and_layout(tmp_path, capsys):
                       "--layouts", "space_to_depth", "--output", str(output)])
     assert [(r["factors"], r["layout"]) for r in rows] == [("4x", "space_to_depth"), ("8x", "space_to_depth"), ("16x", "space_to_depth")]
     assert json.loads(output.read_text()) == json.loads(json.dumps(rows))
+    plan.main(["--gpu_memory", "0.5", "--image_size", "64", "64", "32", "--overrides", json.dumps(TINY),
+               "--factors", "4x", "--layouts", "space_to_depth", "--output", str(output)])
+    assert len(json.loads(output.read_text())) == 3  # an existing file is kept; the second run's rows go beside it
+    assert len(json.loads((tmp_path / "plan_1.json").read_text())) == 1
     for r in rows:
         assert r["patch"] is not None and r["peak_gib"] <= 0.5
     table = capsys.readouterr().out

@@ -3,7 +3,10 @@ that a diffusion model.pt was trained on, add Gaussian noise of a few sizes to i
 the latent's standard deviation, i.e. after the model's scale factor), decode, and report the PSNR
 against the clean decoding plus a PNG of mid-slices (docs/generation.md, "What the stages left").
 
-    python docs/study/decoder_noise.py models/model.pt models/model_autoencoder.pt HEAD.nii.gz out.png
+    python docs/study/decoder_noise.py models/model.pt models/model_autoencoder.pt HEAD.nii.gz out.png [single]
+
+With ``single``, a model's per-channel scale factors are replaced by one, their root mean square
+(the same noise energy in the image): per-channel noise against one factor's noise, at equal energy.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def main(diffusion_ckpt: str, autoencoder_ckpt: str, volume: str, png: str) -> None:
+def main(diffusion_ckpt: str, autoencoder_ckpt: str, volume: str, png: str, single: str = "") -> None:
     ckpt = load_checkpoint(diffusion_ckpt, "diffusion_ckpt")
+    if single:
+        ckpt["scale_factor"] = float(torch.tensor(ckpt["scale_factor"], dtype=torch.float64).pow(-2).mean().rsqrt())
     autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
     load_network(autoencoder, autoencoder_ckpt, "autoencoder", ckpt["autoencoder_args"], "autoencoder_ckpt")
     autoencoder.eval()
@@ -60,4 +65,4 @@ def main(diffusion_ckpt: str, autoencoder_ckpt: str, volume: str, png: str) -> N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
