@@ -99,14 +99,18 @@ def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.
 MIN_RELATIVE_STD = 1e-3
 
 
-def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None) -> float | list[float]:
-    """1 / std of each latent channel that training samples (mean ``z_mu``, spread ``z_sigma``): the
-    latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.), one per channel, so that every
-    channel enters the diffusion model with unit variance. A single factor would leave the channels of
-    a cosine shortcut (its first, the cell mean, several times wider than the rest, its highest
-    frequencies hundreds of times narrower) below the noise of the last sampling steps. Computed once
-    at the start of diffusion training and saved with the diffusion model; a run that continues a
-    model.pt or a checkpoint reuses its value (a single float in models trained before)."""
+def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None, power: float = 1.0) -> float | list[float]:
+    """The latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.) from the latents that
+    training samples (mean ``z_mu``, spread ``z_sigma``): per channel, ``g / std ** power``, with ``g``
+    such that the scaled latents have unit variance over all channels. ``power`` 1 (the default) gives
+    every channel unit variance; 0 gives one factor for all. A single factor leaves the channels of a
+    cosine shortcut (its first, the cell mean, several times wider than the rest, its highest
+    frequencies hundreds of times narrower) below the noise of the last sampling steps; per channel,
+    the model's errors weigh alike in every channel, though in the image the cell mean's weigh most.
+    Computed once at the start of diffusion training and saved with the diffusion model; a run that
+    continues a model.pt or a checkpoint reuses its value (a single float in models trained before)."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"latent_scale_power must be between 0 (one factor) and 1 (unit variance per channel), got {power!r}.")
     if resume_from is not None:
         scale = load_checkpoint(resume_from, "checkpoint").get("scale_factor")
         if scale is None:
@@ -120,9 +124,13 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None)
     std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()  # of mu + sigma * noise, per channel
     if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
-    scale = (1.0 / std.clamp(min=MIN_RELATIVE_STD * std.max().item())).tolist()
-    logger.info(f"latent scale factor 1/std per channel: {describe_scale(scale)} over {mu.shape[1]} values per channel")
-    return scale
+    std = std.clamp(min=MIN_RELATIVE_STD * std.max().item())
+    scale = std.pow(-power) / (std.pow(2 - 2 * power).mean().sqrt())
+    if power == 0:
+        logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {mu.shape[1]} values per channel")
+        return scale[0].item()
+    logger.info(f"latent scale factor g / std ** {power:g} per channel: {describe_scale(scale.tolist())} over {mu.shape[1]} values per channel")
+    return scale.tolist()
 
 
 def describe_scale(scale: float | Sequence[float]) -> str:

@@ -123,6 +123,19 @@ def test_latent_scale_factor_is_one_over_the_std_of_each_channel_of_sampled_late
     for item in latents:
         item["z_mu"][3], item["z_sigma"][3] = 5.0, 0.0
     assert latent_scale_factor(latents)[3] == pytest.approx(1.0 / (1e-3 * math.sqrt(9.0 + 1e-6)), rel=0.1)
+    # power 0: one factor for all channels, the scaled latents of unit variance over all of them;
+    # power 0.5 in between: the wide channel keeps more weight than at power 1
+    for item in latents:
+        item["z_mu"][3] = torch.randn(2, 2, 2) * 0.01 + 1
+    one = latent_scale_factor(latents, power=0.0)
+    assert isinstance(one, float)
+    assert (samples * one).transpose(0, 1).flatten(1).var(1).mean().item() == pytest.approx(1.0, rel=0.05)
+    half, full = latent_scale_factor(latents, power=0.5), latent_scale_factor(latents)
+    scaled_var = lambda s: (samples * latent_scale(s, 4)).transpose(0, 1).flatten(1).var(1)  # noqa: E731
+    assert scaled_var(half).mean().item() == pytest.approx(1.0, rel=0.05)
+    assert scaled_var(one)[0] > scaled_var(half)[0] > scaled_var(full)[0]
+    with pytest.raises(ValueError, match="latent_scale_power must be between 0"):
+        latent_scale_factor(latents, power=1.5)
     # a run that continues a model reuses its value, also a single one of a model trained before
     save_atomic({"diffusion": {}, "scale_factor": [0.5, 0.25]}, tmp_path / "model.pt")
     assert latent_scale_factor([], str(tmp_path / "model.pt")) == [0.5, 0.25]
