@@ -129,7 +129,8 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
     if power == 0:
         logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {mu.shape[1]} values per channel")
         return scale[0].item()
-    logger.info(f"latent scale factor g / std ** {power:g} per channel: {describe_scale(scale.tolist())} over {mu.shape[1]} values per channel")
+    rule = "1/std" if power == 1 else f"g / std ** {power:g}"
+    logger.info(f"latent scale factor {rule} per channel: {describe_scale(scale.tolist())} over {mu.shape[1]} values per channel")
     return scale.tolist()
 
 

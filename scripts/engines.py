@@ -152,6 +152,39 @@ class ReshuffleEachPass:
             sampler.set_epoch(engine.state.iteration)
 
 
+class Throughput:
+    """Trainer handler: per epoch, the training steps per second and the share of the epoch's time
+    spent waiting for the next batch (``steps_per_second``, ``data_wait`` in ``engine.state.metrics``,
+    so StatsHandler prints them and MLflow records them). Attached before validation, it times the
+    training steps alone. Against the step's own time (``scripts.benchmark``, ``scripts.plan``) it says
+    how much of a GPU hour the data path and the host take."""
+
+    def __init__(self) -> None:
+        self.started = self.waiting_since = 0.0
+        self.waited = 0.0
+        self.first_iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._wait)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._got)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _start(self, engine: Engine) -> None:
+        self.started, self.waited, self.first_iteration = time.perf_counter(), 0.0, engine.state.iteration
+
+    def _wait(self, engine: Engine) -> None:
+        self.waiting_since = time.perf_counter()
+
+    def _got(self, engine: Engine) -> None:
+        self.waited += time.perf_counter() - self.waiting_since
+
+    def _report(self, engine: Engine) -> None:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        engine.state.metrics["steps_per_second"] = (engine.state.iteration - self.first_iteration) / seconds
+        engine.state.metrics["data_wait"] = self.waited / seconds
+
+
 class TimeLimit(IgniteTimeLimit):
     """Ignite's ``TimeLimit`` as a MONAI handler: counted from the engine's start (data caching is not
     training time), checked after every iteration; the engine then ends as if complete, so the last

@@ -18,7 +18,7 @@ from monai.transforms import RandSpatialCropd
 from conftest import TINY_AUTOENCODER
 from scripts import engines
 from scripts.losses import build_auxiliary_losses
-from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, autocast_dtype, compiled
+from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, Throughput, autocast_dtype, compiled
 from scripts.networks import FactorAutoencoderKL
 
 PATCH = (16, 16, 16)
@@ -416,3 +416,20 @@ def test_time_limit_counts_from_the_engine_start_and_ends_cleanly(tmp_path, monk
     assert engine.state.iteration == 3  # 1.2 s > 1 s after the third iteration
     ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 3
+
+
+def test_throughput_reports_steps_per_second_and_the_share_spent_waiting_for_data():
+    """A loader that takes as long per batch as the step: about half the epoch waits for data."""
+    import time
+
+    def slow_batches():
+        for i in range(10):
+            time.sleep(0.02)
+            yield i
+
+    engine = Engine(lambda engine, batch: time.sleep(0.02))
+    Throughput().attach(engine)
+    engine.run(slow_batches(), max_epochs=1, epoch_length=10)
+    metrics = engine.state.metrics
+    assert 10 < metrics["steps_per_second"] < 26  # 25 at most: 40 ms per step
+    assert 0.3 < metrics["data_wait"] < 0.7
