@@ -1,7 +1,7 @@
 """Memory planner of the autoencoder training step: which patch and batch fit a GPU, before training.
 
     python -m scripts.plan --gpu_memory 12 --image_size 256 256 128
-    python -m scripts.plan --gpu_memory 24 --config_file "['configs/train_autoencoder.yaml','configs/examples/factors_8x.yaml']"
+    python -m scripts.plan --gpu_memory 24 --config_file '["configs/train_autoencoder.yaml", "my_overlay.yaml"]'    # your network
 
 The peak memory of a training step is modelled from what the step keeps for backward, counted rather
 than guessed: the trainer's own step runs once on the CPU, in float32, at a small probe patch, with a
@@ -41,7 +41,8 @@ from scripts.io import claimed, write_atomic
 logger = logging.getLogger(__name__)
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = str(BUNDLE_ROOT / "configs" / "train_autoencoder.yaml")
-FACTOR_OVERLAYS = {  # the factor sets the bundle ships, as training config overlays
+FACTOR_OVERLAYS = {  # the factor sets the bundle ships, as training config overlays; "config": as given
+    "config": [],
     "4x": [],
     "8x": [str(BUNDLE_ROOT / "configs" / "examples" / "factors_8x.yaml")],
     "16x": [str(BUNDLE_ROOT / "configs" / "examples" / "factors_16x.yaml")],
@@ -280,8 +281,10 @@ def plan(gpu_memory_gib: float, image_size: Sequence[int], batch_size: int, conf
             p = probe(step)
             patch = largest_patch(p, image_size, budget, batch_size)
             whole = [max(m, s // m * m) for s, m in zip(image_size, p.spatial_multiple)]
+            t = step.autoencoder.total_factor
+            total = f"{t[0]}x" if len(set(t)) == 1 else "x".join(map(str, t))
             rows.append({
-                "factors": name, "layout": layout, "patch": patch, "batch_size": batch_size,
+                "factors": name, "total_factor": total, "layout": layout, "patch": patch, "batch_size": batch_size,
                 "peak_gib": patch and p.peak_bytes(patch, batch_size) / GIB,
                 "step_s": patch and p.step_seconds(patch, batch_size),
                 "whole_image": whole, "whole_image_batch": largest_batch(p, whole, budget),
@@ -293,13 +296,13 @@ def plan(gpu_memory_gib: float, image_size: Sequence[int], batch_size: int, conf
 def print_plan(rows: list[dict], gpu_memory_gib: float, image_size: Sequence[int]) -> None:
     print(f"Training the autoencoder on {gpu_memory_gib:g} GiB, image {_fmt_patch(image_size)} "
           f"(estimates calibrated on an {CALIBRATION['card']}; step times are that card's):")
-    print(f"{'factors':8} {'layout':15} {'largest patch':>14} {'batch':>5} {'GiB':>6} {'step s':>7}   "
+    print(f"{'factors':8} {'total':6} {'layout':15} {'largest patch':>14} {'batch':>5} {'GiB':>6} {'step s':>7}   "
           f"{'whole image: batch':>18} {'GiB at batch 1':>14}")
     for r in rows:
         patch = _fmt_patch(r["patch"]) if r["patch"] else "none fits"
         gib = f"{r['peak_gib']:.2f}" if r["patch"] else "-"
         secs = f"{r['step_s']:.3f}" if r["patch"] else "-"
-        print(f"{r['factors']:8} {r['layout']:15} {patch:>14} {r['batch_size']:>5} {gib:>6} {secs:>7}   "
+        print(f"{r['factors']:8} {r['total_factor']:6} {r['layout']:15} {patch:>14} {r['batch_size']:>5} {gib:>6} {secs:>7}   "
               f"{r['whole_image_batch']:>18} {r['whole_image_peak_gib_batch1']:>14.2f}")
 
 
@@ -310,12 +313,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--batch_size", type=int, default=1, help="the batch the largest patch is planned for")
     p.add_argument("--config_file", type=json.loads, default=[TRAIN_CONFIG], help="JSON list: the training config and overlays")
     p.add_argument("--overrides", type=json.loads, default={}, help='JSON dict of config keys, e.g. {"channels": [64, 128, 128]}')
-    p.add_argument("--factors", nargs="+", choices=sorted(FACTOR_OVERLAYS), default=list(FACTOR_OVERLAYS))
+    p.add_argument("--factors", nargs="+", choices=sorted(FACTOR_OVERLAYS), default=None,
+                   help="the bundle's factor overlays to plan over --config_file, or config (as given); default: "
+                        "4x 8x 16x for the bundle's training config, config for yours")
     p.add_argument("--layouts", nargs="+", choices=["space_to_depth", "strided"], default=["space_to_depth", "strided"])
     p.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here (an existing file is kept: NAME_1.json)")
     args = p.parse_args(argv)
     if args.gpu_memory <= 0 or args.batch_size < 1 or min(args.image_size) < 1:
         p.error("--gpu_memory must be positive, --batch_size and --image_size at least 1")
+    if args.factors is None:
+        args.factors = ["4x", "8x", "16x"] if args.config_file == [TRAIN_CONFIG] else ["config"]
     rows = plan(args.gpu_memory, args.image_size, args.batch_size, args.config_file, args.overrides, args.factors, args.layouts)
     print_plan(rows, args.gpu_memory, args.image_size)
     if args.output is not None:

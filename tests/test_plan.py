@@ -118,6 +118,13 @@ def test_command_line_plans_every_factor_and_layout(tmp_path, capsys):
         assert r["patch"] is not None and r["peak_gib"] <= 0.5
     table = capsys.readouterr().out
     assert "largest patch" in table and "16x" in table
+    assert [r["total_factor"] for r in rows] == ["4x", "8x", "16x"]
+    # a config of your own is planned as given, labelled by its own factors
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("downsample_factors: [[2, 2, 1], [2, 2, 2]]\n")
+    mine = plan.main(["--gpu_memory", "0.5", "--image_size", "64", "64", "32", "--overrides", json.dumps(TINY),
+                      "--config_file", json.dumps([plan.TRAIN_CONFIG, str(overlay)]), "--layouts", "space_to_depth"])
+    assert [(r["factors"], r["total_factor"]) for r in mine] == [("config", "4x4x2")]
     with pytest.raises(SystemExit):
         plan.main(["--gpu_memory", "0"])
     assert "--gpu_memory must be positive" in capsys.readouterr().err
