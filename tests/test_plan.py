@@ -102,6 +102,20 @@ def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
         workflow.initialize()
     assert isinstance(info.value.__cause__, ValueError) and "planner says no" in str(info.value.__cause__)
     assert calls == [("TrainingStep", [16, 16, 16], 1)]
+    monkeypatch.undo()
+
+    # the real check on the config's own objects, after initialize built and prepared them (here with
+    # a GPU's memory faked, since the check runs on a GPU only): the network it will train is untouched
+    workflow = make_workflow(CONFIGS / "train_autoencoder.yaml", **train_overrides(tmp_path, data, mixed_precision="bf16"))
+    workflow.initialize()
+    step = workflow.parser.get_parsed_content("training_step")
+    before = {k: v.clone() for k, v in step.autoencoder.state_dict().items()}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    assert plan.check_fits(step, [16, 16, 16], 1, "cuda") > 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
+    with pytest.raises(ValueError, match="no patch fits this network"):
+        plan.check_fits(step, [16, 16, 16], 1, "cuda")
+    assert all(torch.equal(before[k], v) for k, v in step.autoencoder.state_dict().items())
 
 
 def test_command_line_plans_every_factor_and_layout(tmp_path, capsys):
