@@ -386,10 +386,15 @@ def preprocessing(
     return transforms
 
 
-def make_dataset(data: Sequence[dict], transform, cache: str = "memory", cache_dir: str | None = None, num_workers: int = 0):
-    """A MONAI dataset with the configured caching: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``."""
+def make_dataset(
+    data: Sequence[dict], transform, cache: str = "memory", cache_dir: str | None = None, num_workers: int = 0, copy_cache: bool = True
+):
+    """A MONAI dataset with the configured caching: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
+    ``copy_cache`` is CacheDataset's: False skips the copy of each cached volume before the random
+    transforms, for transforms that never write into their input (a random crop, whose view the
+    loader's collation copies)."""
     if cache == "memory":
-        return CacheDataset(data, transform, num_workers=num_workers or None, progress=False)
+        return CacheDataset(data, transform, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
     if cache == "disk":
         if not cache_dir:
             raise ValueError("cache 'disk' needs cache_dir, a folder for PersistentDataset's files.")

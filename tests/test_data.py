@@ -431,6 +431,27 @@ def test_training_refuses_a_constant_validation_volume_when_its_dataset_is_built
     assert f"volume '{blank}' is constant (every voxel is 0)" in _text(info.value)
 
 
+def test_training_crops_leave_the_cached_volumes_as_they_were(tmp_path):
+    """The training dataset hands its random crops out without copying each cached volume first
+    (copy_cache false): over several passes the cache keeps its values and its transform history,
+    and a batch written into in place does not reach it (the loader's collation copies the crop)."""
+    from conftest import AE_CONFIG, make_workflow, train_overrides, write_dataset
+
+    write_dataset(tmp_path / "train", 3)
+    workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, tmp_path / "train", patch_size=[16, 16, 16], batch_size=1))
+    dataset, loader = workflow.parser.get_parsed_content("train#dataset"), workflow.parser.get_parsed_content("train#dataloader")
+    assert dataset.copy_cache is False
+    cached = [item["image"] for item in dataset._cache]
+    values = [v.clone() for v in cached]
+    history = [len(v.applied_operations) for v in cached]
+    for _ in range(4):
+        for batch in loader:
+            assert tuple(batch["image"].shape[2:]) == (16, 16, 16)
+            batch["image"].add_(100.0)
+    assert all(torch.equal(v, c) for v, c in zip(values, cached))
+    assert [len(v.applied_operations) for v in cached] == history
+
+
 def _text(error):
     return "\n".join(str(e) for e in _chain(error))
 
