@@ -32,7 +32,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 from monai.networks.schedulers import DDPMScheduler
 
 from scripts import plan
-from scripts.engines import AutoencoderKLTrainer, autocast, compiled
+from scripts.engines import autocast, compiled
 from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -82,40 +82,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def autoencoder_step(
-    network: torch.nn.Module,
-    size: Sequence[int],
-    batch_size: int,
-    amp_dtype: torch.dtype | None,
-    device: torch.device,
-    compile: bool | str | None = None,
-    discriminator_channels: int = 32,
-) -> Callable[[], Any]:
-    """One training step of the bundle's trainer, adversarial loss on, perceptual loss off."""
-    network = network.to(device)
+def reference_step(network: torch.nn.Module, discriminator_channels: int, amp: str) -> plan.TrainingStep:
+    """The training step the benchmark's autoencoder rows measure: the bundle's trainer with the
+    adversarial loss on (a 3-layer PatchDiscriminator with instance norm), perceptual loss off."""
     discriminator = PatchDiscriminator(
         spatial_dims=3, num_layers_d=3, channels=discriminator_channels, in_channels=1, out_channels=1, norm="INSTANCE"
-    ).to(device)
-    network, discriminator = compiled(network, compile), compiled(discriminator, compile)
-    images = torch.rand(batch_size, 1, *size, device=device)
-    trainer = AutoencoderKLTrainer(
-        device=device,
-        max_epochs=1,
-        train_data_loader=[{"image": images}],
-        network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=1e-4, fused=device.type == "cuda"),
-        discriminator=discriminator,
-        d_optimizer=torch.optim.Adam(discriminator.parameters(), lr=1e-4, fused=device.type == "cuda"),
-        adv_warmup_epochs=0,
-        amp_dtype=amp_dtype,
     )
-    trainer.state.epoch, trainer.state.epoch_length, trainer.state.device = 1, 1, device
-
-    def step() -> Any:
-        trainer.state.iteration = 1
-        return trainer._iteration(trainer, {"image": images})
-
-    return step
+    return plan.TrainingStep(network, discriminator, adversarial=True, auxiliary_losses={},
+                             mixed_precision=None if amp == "none" else amp, ema=False)
 
 
 def diffusion_step(
@@ -227,14 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     def label(name: str, mode: str | None) -> str:
         return name if mode is None else f"{name} compiled" + ("" if mode == "default" else f" ({mode})")
 
-    def reference_step(autoencoder: torch.nn.Module) -> plan.TrainingStep:  # as autoencoder_step trains it
-        return plan.TrainingStep(autoencoder, PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=d_channels, in_channels=1,
-                                 out_channels=1, norm="INSTANCE"), adversarial=True, auxiliary_losses={}, mixed_precision=args.amp, ema=False)
-
     for mode in modes if not args.no_stock else []:
         row = record(ae, label("stock 4x", mode) if mode else "stock 4x eager",
-                     lambda: autoencoder_step(AutoencoderKL(**network), size, batch, amp_dtype, device, mode, d_channels), compile=mode)
-        planned(row, reference_step(AutoencoderKL(**network)), size, batch)
+                     lambda: plan.trainer_step(reference_step(AutoencoderKL(**network), d_channels, args.amp), size, batch, device, mode),
+                     compile=mode)
+        planned(row, reference_step(AutoencoderKL(**network), d_channels, args.amp), size, batch)
     for mode in modes:
         for layout in args.layouts:
             for factors in args.factors:
@@ -242,13 +213,13 @@ def run(args: argparse.Namespace) -> dict:
                 row = record(
                     ae,
                     label(f"{layout} {factors}", mode),
-                    lambda: autoencoder_step(make_ae(factors, layout), size, batch, amp_dtype, device, mode, d_channels),
+                    lambda: plan.trainer_step(reference_step(make_ae(factors, layout), d_channels, args.amp), size, batch, device, mode),
                     layout=layout,
                     factors=factors,
                     latent_shape=[network["latent_channels"], *latent],
                     compile=mode,
                 )
-                planned(row, reference_step(make_ae(factors, layout)), size, batch)
+                planned(row, reference_step(make_ae(factors, layout), d_channels, args.amp), size, batch)
     stock = {r["name"]: r for r in ae if r["name"].startswith("stock")}
     for row in ae:
         own4x = next((r for r in ae if r.get("layout") == row.get("layout") and r.get("factors") == [2, 2] and r["compile"] == row["compile"]), None)

@@ -35,7 +35,7 @@ import torch
 from monai.bundle import ConfigParser
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scripts.engines import AutoencoderKLTrainer, autocast_dtype
+from scripts.engines import AutoencoderKLTrainer, autocast_dtype, compiled
 from scripts.io import claimed, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,6 @@ class Probe:
     operators: int
     static_bytes: float
     spatial_multiple: tuple[int, ...]
-    mixed_precision: str | None
 
     def peak_bytes(self, patch: Sequence[int], batch_size: int) -> float:
         """The estimated peak GPU memory of a training step (``torch.cuda.max_memory_allocated``)."""
@@ -122,8 +121,11 @@ def training_step_from_config(config_files: str | Sequence[str] = TRAIN_CONFIG, 
     return parser.get_parsed_content("training_step")
 
 
-def trainer_step(step: TrainingStep, patch: Sequence[int], batch_size: int, device: torch.device) -> Callable[[], Any]:
-    """One iteration of ``AutoencoderKLTrainer`` on random images, as the training config runs it."""
+def trainer_step(
+    step: TrainingStep, patch: Sequence[int], batch_size: int, device: torch.device, compile: bool | str | None = None
+) -> Callable[[], Any]:
+    """One iteration of ``AutoencoderKLTrainer`` on random images, as the training config runs it
+    (with ``compile`` as the config's key applies it)."""
     network = step.autoencoder.to(device)
     discriminator = step.discriminator.to(device)
     fused = device.type == "cuda"
@@ -132,9 +134,9 @@ def trainer_step(step: TrainingStep, patch: Sequence[int], batch_size: int, devi
         device=device,
         max_epochs=1,
         train_data_loader=[{"image": images}],
-        network=network,
+        network=compiled(network, compile),
         optimizer=torch.optim.Adam(network.parameters(), lr=1e-4, fused=fused),
-        discriminator=discriminator,
+        discriminator=compiled(discriminator, compile),
         d_optimizer=torch.optim.Adam(discriminator.parameters(), lr=1e-4, fused=fused),
         adv_weight=0.01 if step.adversarial else 0.0,
         adv_warmup_epochs=0,
@@ -209,7 +211,7 @@ def probe(step: TrainingStep) -> Probe:
     # fp32 weights, gradients and two Adam moments (16 bytes); autocast's half-precision copies; the
     # moving average's copy; the critic holds its weights only, unless the adversarial loss trains it
     static = (16 + 2 * amp + 4 * step.ema) * g_params + (16 + 2 * amp if step.adversarial else 4) * d_params
-    return Probe(saved / voxels, largest / voxels, operators.count, static, multiple, step.mixed_precision)
+    return Probe(saved / voxels, largest / voxels, operators.count, static, multiple)
 
 
 def _fmt_patch(patch: Sequence[int]) -> str:
