@@ -99,16 +99,19 @@ def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.
 MIN_RELATIVE_STD = 1e-3
 
 
-def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None, power: float = 1.0) -> float | list[float]:
+def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None, power: float = 0.5) -> float | list[float]:
     """The latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.) from the latents that
     training samples (mean ``z_mu``, spread ``z_sigma``): per channel, ``g / std ** power``, with ``g``
-    such that the scaled latents have unit variance over all channels. ``power`` 1 (the default) gives
-    every channel unit variance; 0 gives one factor for all. A single factor leaves the channels of a
-    cosine shortcut (its first, the cell mean, several times wider than the rest, its highest
-    frequencies hundreds of times narrower) below the noise of the last sampling steps; per channel,
-    the model's errors weigh alike in every channel, though in the image the cell mean's weigh most.
-    Computed once at the start of diffusion training and saved with the diffusion model; a run that
-    continues a model.pt or a checkpoint reuses its value (a single float in models trained before)."""
+    such that the scaled latents have unit variance over all channels. ``power`` 0 gives one factor
+    for all channels, 1 every channel unit variance, 0.5 (the default) a spread between. Where the
+    channels differ (a cosine shortcut's first channel, the cell mean, is several times wider than
+    the rest, its highest frequencies hundreds of times narrower), one factor leaves the narrow
+    channels below the noise of the last sampling steps (voxel noise in the samples), and unit
+    variance weighs the model's errors alike in every channel although the cell mean's weigh most in
+    the image (blocks of the latent cell); 0.5 gave neither at 8x and 16x. Where the channels have
+    equal spreads (the 4x pool shortcut) every power gives the same factor. Computed once at the start
+    of diffusion training and saved with the diffusion model; a run that continues a model.pt or a
+    checkpoint reuses its value (a single float in models trained before)."""
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"latent_scale_power must be between 0 (one factor) and 1 (unit variance per channel), got {power!r}.")
     if resume_from is not None:

@@ -104,13 +104,13 @@ def test_encode_volumes_keeps_each_volume_and_its_mirror_image():
         encode_volumes(ae, [], "cpu")
 
 
-def test_latent_scale_factor_is_one_over_the_std_of_each_channel_of_sampled_latents(tmp_path):
+def test_latent_scale_factor_at_power_1_is_one_over_the_std_of_each_channel_of_sampled_latents(tmp_path):
     torch.manual_seed(0)
     # four channels as a cosine shortcut gives them: a wide first one (the cell mean), narrower others
     widths = torch.tensor([3.0, 1.0, 0.1, 0.01]).reshape(4, 1, 1, 1)
     latents = [{"z_mu": torch.randn(4, 2, 2, 2) * widths + 1, "z_sigma": torch.full((4, 2, 2, 2), 0.001)} for _ in range(50)]
     samples = torch.stack([item["z_mu"] + item["z_sigma"] * torch.randn(4, 2, 2, 2) for item in latents for _ in range(40)])
-    scale = latent_scale_factor(latents)
+    scale = latent_scale_factor(latents, power=1.0)
     assert isinstance(scale, list) and len(scale) == 4
     assert scale == pytest.approx((1.0 / samples.transpose(0, 1).flatten(1).std(1)).tolist(), rel=0.02)
     for c in range(4):
@@ -122,15 +122,15 @@ def test_latent_scale_factor_is_one_over_the_std_of_each_channel_of_sampled_late
     # a channel constant on the training data is scaled as if 1e-3 as wide as the widest, not by 1 / 0
     for item in latents:
         item["z_mu"][3], item["z_sigma"][3] = 5.0, 0.0
-    assert latent_scale_factor(latents)[3] == pytest.approx(1.0 / (1e-3 * math.sqrt(9.0 + 1e-6)), rel=0.1)
+    assert latent_scale_factor(latents, power=1.0)[3] == pytest.approx(1.0 / (1e-3 * math.sqrt(9.0 + 1e-6)), rel=0.1)
     # power 0: one factor for all channels, the scaled latents of unit variance over all of them;
-    # power 0.5 in between: the wide channel keeps more weight than at power 1
+    # power 0.5 (the default) in between: the wide channel keeps more weight than at power 1
     for item in latents:
         item["z_mu"][3] = torch.randn(2, 2, 2) * 0.01 + 1
     one = latent_scale_factor(latents, power=0.0)
     assert isinstance(one, float)
     assert (samples * one).transpose(0, 1).flatten(1).var(1).mean().item() == pytest.approx(1.0, rel=0.05)
-    half, full = latent_scale_factor(latents, power=0.5), latent_scale_factor(latents)
+    half, full = latent_scale_factor(latents), latent_scale_factor(latents, power=1.0)
     scaled_var = lambda s: (samples * latent_scale(s, 4)).transpose(0, 1).flatten(1).var(1)  # noqa: E731
     assert scaled_var(half).mean().item() == pytest.approx(1.0, rel=0.05)
     assert scaled_var(one)[0] > scaled_var(half)[0] > scaled_var(full)[0]

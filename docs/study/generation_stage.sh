@@ -4,7 +4,7 @@
 # then each evaluated (scripts.evaluate_generation) and timed (generation_speed.py). $OUT receives
 # results.tar.gz (tables, grids, logs) and models.tar (each model.pt in half precision) in parts of 15 MB.
 #   OUT=results STAGE_SECONDS=300 CALL_SECONDS=540 KEEP="run1 run2" bash docs/study/generation_stage.sh SPEC_FILE
-# KEEP names the runs whose weights come back (default: all). CALL_SECONDS is the time the whole call
+# KEEP names the runs whose weights come back (default: all), whole models up to 60 MB in all. CALL_SECONDS is the time the whole call
 # may take (default 540): the evaluation and the timing are cut short so that the weights and the logs
 # are packed within it.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
@@ -76,6 +76,7 @@ rm -rf /tmp/kept; mkdir -p /tmp/kept
 python3 - "$runs" "${keep[@]}" <<'PY'
 import os, sys, torch
 runs, names = sys.argv[1], sys.argv[2:]
+packed = 0  # what comes back from the host: 64 MiB in all, so whole models up to 60 MB, in KEEP's order
 for name in names:
     if not os.path.isfile(f"{runs}/{name}/model.pt"):
         print(f"{name}: no model.pt")
@@ -83,6 +84,11 @@ for name in names:
     ckpt = torch.load(f"{runs}/{name}/model.pt", map_location="cpu", weights_only=True)
     ckpt["diffusion"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["diffusion"].items()}
     torch.save(ckpt, f"/tmp/kept/{name}.pt")
+    if packed + os.path.getsize(f"/tmp/kept/{name}.pt") > 60e6:
+        print(f"{name}: not packed, past the 60 MB that can come back (name fewer runs in KEEP)")
+        os.remove(f"/tmp/kept/{name}.pt")
+        continue
+    packed += os.path.getsize(f"/tmp/kept/{name}.pt")
 PY
 (cd /tmp/kept && tar cf /tmp/models.tar $(for n in "${keep[@]}"; do [[ -f "$n.pt" ]] && echo "$n.pt"; done)) && split -b 15M /tmp/models.tar "$OUT/models.tar.part_"
 ls -la "$OUT"
