@@ -386,14 +386,18 @@ def preprocessing(
     return transforms
 
 
+CACHES = ("memory", "gpu", "disk", "none")
+
+
 def make_dataset(
     data: Sequence[dict], transform, cache: str = "memory", cache_dir: str | None = None, num_workers: int = 0, copy_cache: bool = True
 ):
-    """A MONAI dataset with the configured caching: ``memory`` (CacheDataset), ``disk`` (PersistentDataset) or ``none``.
-    ``copy_cache`` is CacheDataset's: False skips the copy of each cached volume before the random
-    transforms, for transforms that never write into their input (a random crop, whose view the
-    loader's collation copies)."""
-    if cache == "memory":
+    """A MONAI dataset with the configured caching: ``memory`` or ``gpu`` (CacheDataset; with ``gpu``
+    the transforms end their deterministic part on the GPU: :func:`cache_placement`), ``disk``
+    (PersistentDataset) or ``none``. ``copy_cache`` is CacheDataset's: False skips the copy of each
+    cached volume before the random transforms, for transforms that never write into their input (a
+    random crop, whose view the loader's collation copies)."""
+    if cache in ("memory", "gpu"):
         return CacheDataset(data, transform, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
     if cache == "disk":
         if not cache_dir:
@@ -403,4 +407,33 @@ def make_dataset(
         return PersistentDataset(data, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
     if cache == "none":
         return Dataset(data, transform)
-    raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}.")
+    raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {cache!r}.")
+
+
+def cache_placement(cache: str, device: torch.device | str, num_workers: int = 0, keys: str = "image") -> list:
+    """The transform that puts the cached volumes where ``cache`` says: for ``gpu``, on ``device``, so
+    that the random crop and the collation of each batch run there and the step does not wait for
+    the host (MONAI's fast-training recipe: CacheDataset, then ToDevice); otherwise nothing. Data
+    loading worker processes cannot reach a GPU's memory, so ``gpu`` needs ``num_workers`` 0."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {cache!r}.")
+    if cache != "gpu":
+        return []
+    if num_workers:
+        raise ValueError(f"cache 'gpu' keeps the volumes in GPU memory, which data-loading worker processes cannot "
+                         f"reach: set num_workers 0 (got {num_workers}); the crops then run on the GPU.")
+    return [EnsureTyped(keys, device=torch.device(device))]
+
+
+def cached_bytes(datalist: Sequence[dict], spacing: Sequence[float] | str | None, in_channels: int = 1,
+                 multiple: Sequence[int] = (1, 1, 1), patch: Sequence[int] = (1, 1, 1), key: str = "image") -> int:
+    """At most how many bytes the cached training volumes take (float32, resampled to ``spacing``,
+    padded to ``multiple`` and to at least ``patch``, before the foreground crop, which only shrinks
+    them), from the headers alone: what a ``gpu`` cache takes from the memory that training has."""
+    if isinstance(spacing, str) and spacing.lower() in ("none", "null"):
+        spacing = None
+    total = 0
+    for item in datalist:
+        shape = resampled_shape(item[key], spacing)
+        total += math.prod(max(-(-n // m) * m, p) for n, m, p in zip(shape, multiple, patch)) * in_channels * 4
+    return total

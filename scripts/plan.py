@@ -238,11 +238,13 @@ def largest_patch(p: Probe, image_size: Sequence[int], budget: float, batch_size
 
 
 def check_fits(
-    step: TrainingStep, patch: Sequence[int], batch_size: int, device: torch.device | str, headroom: float = 0.95
+    step: TrainingStep, patch: Sequence[int], batch_size: int, device: torch.device | str, headroom: float = 0.95,
+    cached_bytes: int = 0,
 ) -> float | None:
     """Refuse, before training, a patch and batch that the planner says will not fit this GPU, naming
-    the largest batch that does (or the largest patch at batch 1). Returns the estimate in bytes; on a
-    CPU, or without mixed precision (not calibrated), there is nothing to check."""
+    the largest batch that does (or the largest patch at batch 1). ``cached_bytes``, the training
+    volumes kept on the GPU (``cache: gpu``), comes off what the step may use. Returns the estimate
+    in bytes; on a CPU, or without mixed precision (not calibrated), there is nothing to check."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -252,10 +254,13 @@ def check_fits(
     p = probe(step)
     estimate = p.peak_bytes(patch, batch_size)
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = headroom * total
+    budget = headroom * total - cached_bytes
+    cache = f" beside {cached_bytes / GIB:.2f} GiB of cached volumes (cache 'gpu')" if cached_bytes else ""
     if estimate > budget:
         fits, smaller = largest_batch(p, patch, budget), largest_patch(p, patch, budget)
-        if fits:
+        if cached_bytes:
+            suggestion = "cache 'memory' keeps the volumes in host memory and leaves the GPU to the step"
+        elif fits:
             suggestion = f"batch_size {fits} fits at this patch_size (with gradient_accumulation_steps for a larger batch)"
         elif smaller:
             suggestion = f"patch_size {smaller} fits at batch_size 1"
@@ -263,11 +268,11 @@ def check_fits(
             suggestion = "no patch fits this network: use a larger factor (configs/examples/factors_8x.yaml) or fewer channels"
         raise ValueError(
             f"patch_size {list(patch)} with batch_size {batch_size} needs about {estimate / GIB:.2f} GiB by the memory "
-            f"planner, more than {headroom:.0%} of this GPU's {total / GIB:.2f} GiB; {suggestion}. Every factor and layout: "
+            f"planner{cache}, more than {headroom:.0%} of this GPU's {total / GIB:.2f} GiB; {suggestion}. Every factor and layout: "
             f"python -m scripts.plan --gpu_memory {total / GIB:.2f} --image_size {' '.join(map(str, patch))}"
         )
     logger.info(f"memory planner: patch_size {list(patch)} with batch_size {batch_size} needs about {estimate / GIB:.2f} GiB "
-                f"of this GPU's {total / GIB:.2f} GiB")
+                f"of this GPU's {total / GIB:.2f} GiB{cache}")
     return estimate
 
 

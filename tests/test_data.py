@@ -379,12 +379,14 @@ def _chain(error):
 def test_make_dataset_modes(tmp_path):
     items = [{"image": str(write_volume(tmp_path / "a.nii.gz", phantom()))}]
     chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
-    for cache in ("memory", "disk", "none"):
+    for cache in ("memory", "gpu", "disk", "none"):
         ds = data.make_dataset(items, chain, cache=cache, cache_dir=str(tmp_path / "cache"))
         assert ds[0]["image"].shape[0] == 1
     assert any((tmp_path / "cache").iterdir())  # disk cache wrote its files there
-    with pytest.raises(ValueError, match="cache must be 'memory', 'disk' or 'none'"):
+    with pytest.raises(ValueError, match="cache must be one of 'memory', 'gpu', 'disk', 'none', got 'ram'"):
         data.make_dataset(items, chain, cache="ram")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        data.cache_placement("ram", "cpu")
     with pytest.raises(ValueError, match="cache 'disk' needs cache_dir"):
         data.make_dataset(items, chain, cache="disk", cache_dir=None)
 
@@ -450,6 +452,53 @@ def test_training_crops_leave_the_cached_volumes_as_they_were(tmp_path):
             batch["image"].add_(100.0)
     assert all(torch.equal(v, c) for v, c in zip(values, cached))
     assert [len(v.applied_operations) for v in cached] == history
+
+
+def test_gpu_cache_keeps_the_volumes_on_the_training_device_and_crops_them_there(tmp_path):
+    """cache 'gpu': the cached volumes end their deterministic transforms on the training device (here
+    the CPU, the test machine's), so each step's crop and collation run there; the
+    crops leave the cache as it was; the bytes the planner reserves for them bound what they take;
+    worker processes, which cannot reach a GPU, are refused before anything is cached."""
+    from monai.transforms import EnsureTyped
+
+    from conftest import AE_CONFIG, make_workflow, train_overrides, write_dataset
+
+    write_dataset(tmp_path / "train", 3)
+    overrides = train_overrides(tmp_path, tmp_path / "train", patch_size=[16, 16, 16], batch_size=2, cache="gpu")
+    workflow = make_workflow(AE_CONFIG, **overrides)
+    transforms = workflow.parser.get_parsed_content("train#preprocessing").transforms
+    placement = [t for t in transforms if isinstance(t, EnsureTyped) and t.converter.device is not None]
+    assert len(placement) == 1 and placement[0].converter.device == torch.device("cpu")
+    dataset, loader = workflow.parser.get_parsed_content("train#dataset"), workflow.parser.get_parsed_content("train#dataloader")
+    cached = [item["image"] for item in dataset._cache]
+    assert all(v.device.type == "cpu" for v in cached)
+    values = [v.clone() for v in cached]
+    for _ in range(3):
+        for batch in loader:
+            assert tuple(batch["image"].shape[1:]) == (1, 16, 16, 16)
+            batch["image"].add_(100.0)
+    assert all(torch.equal(v, c) for v, c in zip(values, cached))
+    reserved = workflow.parser.get_parsed_content("gpu_cache_bytes")
+    taken = sum(v.numel() * v.element_size() for v in cached)
+    assert 0 < taken <= reserved
+    assert make_workflow(AE_CONFIG, **train_overrides(tmp_path, tmp_path / "train")).parser.get_parsed_content("gpu_cache_bytes") == 0
+    workflow = make_workflow(AE_CONFIG, **{**overrides, "num_workers": 2})
+    with pytest.raises(Exception) as info:
+        workflow.parser.get_parsed_content("train#preprocessing")
+    assert "cache 'gpu' keeps the volumes in GPU memory" in _text(info.value) and "set num_workers 0 (got 2)" in _text(info.value)
+
+
+def test_cached_bytes_bound_the_preprocessed_volumes_from_their_headers(tmp_path):
+    paths = [write_volume(tmp_path / f"v{i}.nii.gz", phantom(shape), spacing=(1.0, 1.5, 2.0))
+             for i, shape in enumerate([(30, 34, 26), (28, 28, 28)])]
+    items = [{"image": str(p)} for p in paths]
+    chain = Compose(data.preprocessing(1, (2.0, 2.0, 2.0), "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
+    taken = sum(chain(dict(item))["image"].numel() * 4 for item in items)
+    expected = sum(np.prod([-(-n // 4) * 4 for n in data.resampled_shape(p, (2.0, 2.0, 2.0))]) * 4 for p in paths)
+    assert taken <= data.cached_bytes(items, (2.0, 2.0, 2.0), 1, (4, 4, 4)) == expected
+    assert data.cached_bytes(items, "none") == sum(np.prod(nib.load(str(p)).shape) * 4 for p in paths)
+    # a volume smaller than the patch is cached padded to it
+    assert data.cached_bytes(items[1:], "none", patch=(40, 16, 16)) == 40 * 28 * 28 * 4
 
 
 def _text(error):

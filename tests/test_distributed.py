@@ -114,6 +114,8 @@ def test_cli_autoencoder_training_on_two_processes(cli_run):
     assert result.returncode == 0, failure(result)
     log = result.stdout
     assert log.count("Setting logging properties") == NPROC, failure(result, "expected one log setup per rank")
+    # one process prints the epoch's metrics (reduced over the ranks)
+    assert sum("Metrics --" in line and "steps_per_second" in line for line in log.splitlines()) == 1, failure(result, "metrics printed by more than one rank")
 
     # rank 0 alone writes the checkpoints: one of each in tmp, one "saved" line each, no temporaries
     for name in ("checkpoint_last.pt", "model_autoencoder.pt"):
@@ -259,5 +261,5 @@ def test_diffusion_on_two_processes(diffusion_worker):
     unet.load_state_dict(model["diffusion"])
     assert sha256_of_parameters(unet) != ranks[0]["params"]["diffusion"]["sha256"]
     assert model["autoencoder_args"]["channels"] == diffusion_worker["job"]["overrides"]["channels"]
-    logged = [line for line in diffusion_worker["result"].stdout.splitlines() if "latent scale factor 1/std" in line]
+    logged = [line for line in diffusion_worker["result"].stdout.splitlines() if "latent scale factor g / std ** 0.5" in line]
     assert len(logged) == NPROC and len({line.split(" - ")[-1] for line in logged}) == 1, logged

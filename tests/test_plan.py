@@ -83,6 +83,12 @@ def test_check_fits_refuses_a_step_that_will_not_fit_and_names_what_does(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=probe.static_bytes))
     with pytest.raises(ValueError, match="no patch fits this network: use a larger factor"):
         plan.check_fits(step, [64, 64, 64], 1, "cuda")
+    # volumes cached on the GPU come off the budget, and the refusal names the cache
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    cached = probe.peak_bytes([64, 64, 64], 3) - probe.peak_bytes([64, 64, 64], 2)
+    assert plan.check_fits(step, [64, 64, 64], 2, "cuda", cached_bytes=cached) == pytest.approx(probe.peak_bytes([64, 64, 64], 2))
+    with pytest.raises(ValueError, match=r"batch_size 3 needs about .* beside .* GiB of cached volumes \(cache 'gpu'\).* cache 'memory' keeps"):
+        plan.check_fits(step, [64, 64, 64], 3, "cuda", cached_bytes=cached)
 
 
 def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
@@ -92,8 +98,8 @@ def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
     write_dataset(data, num_volumes=2)
     calls = []
 
-    def refuse(step, patch, batch_size, device):
-        calls.append((type(step).__name__, list(patch), batch_size))
+    def refuse(step, patch, batch_size, device, cached_bytes):
+        calls.append((type(step).__name__, list(patch), batch_size, cached_bytes))
         raise ValueError("planner says no")
 
     monkeypatch.setattr(plan, "check_fits", refuse)
@@ -101,7 +107,7 @@ def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Failed to evaluate") as info:  # MONAI's wrapping of the config's error
         workflow.initialize()
     assert isinstance(info.value.__cause__, ValueError) and "planner says no" in str(info.value.__cause__)
-    assert calls == [("TrainingStep", [16, 16, 16], 1)]
+    assert calls == [("TrainingStep", [16, 16, 16], 1, 0)]  # cache 'memory': nothing of the GPU's taken by the data
     monkeypatch.undo()
 
     # the real check on the config's own objects, after initialize built and prepared them (here with
