@@ -72,9 +72,10 @@ class ClassConditionedDiffusionModelUNet(DiffusionModelUNet):
 @torch.no_grad()
 def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, flips: bool = True) -> list[dict]:
     """Every training volume through the frozen encoder once, and with ``flips`` its left-right
-    mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, kept in host
-    memory with the volume's class label (``class_index``). Training then samples latents from them
-    at each step and never runs the autoencoder again, so a step costs the UNet alone."""
+    mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, with the
+    volume's class label (``class_index``). Training then samples latents from them at each step and
+    never runs the autoencoder again, so a step costs the UNet alone. They are kept where
+    :func:`latent_storage` says."""
     autoencoder.eval()
     latents: list[dict] = []
     volumes = 0
@@ -91,8 +92,21 @@ def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.
                 latents.append(item)
     if not latents:
         raise ValueError("the training data loader gave no volume; nothing to train the diffusion model on.")
-    logger.info(f"encoded {volumes} training volume(s) into {len(latents)} latents of shape {list(latents[0]['z_mu'].shape)}")
-    return latents
+    storage = latent_storage(latents, device)
+    logger.info(f"encoded {volumes} training volume(s) into {len(latents)} latents of shape {list(latents[0]['z_mu'].shape)}, "
+                f"kept in {'GPU' if storage.type == 'cuda' else 'host'} memory")
+    return [{k: v.to(storage) if torch.is_tensor(v) else v for k, v in item.items()} for item in latents]
+
+
+def latent_storage(latents: Sequence[dict], device: torch.device | str, share: float = 0.25) -> torch.device:
+    """Where the training latents live: on the GPU that trains, where they take at most ``share`` of
+    its memory (each step's batch is then gathered there, with no copy from the host: the latents are
+    small, 4 MB per 128^3 volume at 4x), else in host memory, which any number of volumes fits."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.device("cpu")
+    size = sum(v.numel() * v.element_size() for item in latents for v in item.values() if torch.is_tensor(v))
+    return device if size <= share * torch.cuda.get_device_properties(device).total_memory else torch.device("cpu")
 
 
 # a latent channel nearly constant on the training data is scaled as if it spread this much of the widest one

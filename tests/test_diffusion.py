@@ -104,6 +104,20 @@ def test_encode_volumes_keeps_each_volume_and_its_mirror_image():
         encode_volumes(ae, [], "cpu")
 
 
+def test_latents_live_on_the_training_gpu_where_they_take_at_most_a_quarter_of_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from scripts.diffusion import latent_storage
+
+    latents = [{"z_mu": torch.zeros(4, 8, 8, 8), "z_sigma": torch.zeros(4, 8, 8, 8), "class_index": 0} for _ in range(4)]
+    size = 4 * 2 * 4 * 8**3 * 4  # bytes: four latents, mean and spread, float32
+    assert latent_storage(latents, "cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=4 * size))
+    assert latent_storage(latents, "cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=4 * size - 1))
+    assert latent_storage(latents, "cuda:1") == torch.device("cpu")
+
+
 def test_latent_scale_factor_at_power_1_is_one_over_the_std_of_each_channel_of_sampled_latents(tmp_path):
     torch.manual_seed(0)
     # four channels as a cosine shortcut gives them: a wide first one (the cell mean), narrower others
