@@ -351,6 +351,11 @@ class CheckIntensityd(MapTransform):
         return data
 
 
+def _spacing(spacing: Sequence[float] | str | None) -> Sequence[float] | None:
+    """``spacing`` as given on the command line, which cannot pass None: the strings none/null stand for it."""
+    return None if isinstance(spacing, str) and spacing.lower() in ("none", "null") else spacing
+
+
 def preprocessing(
     in_channels: int,
     spacing: Sequence[float] | None,
@@ -366,8 +371,7 @@ def preprocessing(
     the network's multiple. Every step is invertible, so reconstructions return to the input's
     geometry and units. With ``max_voxels``, a volume larger than that once resampled is refused
     from its header, before it is loaded."""
-    if isinstance(spacing, str) and spacing.lower() in ("none", "null"):
-        spacing = None  # the CLI cannot pass None
+    spacing = _spacing(spacing)
     transforms = [
         CheckVolumed(keys, in_channels, spacing, max_voxels),
         LoadImaged(keys, image_only=True),
@@ -430,8 +434,7 @@ def cached_bytes(datalist: Sequence[dict], spacing: Sequence[float] | str | None
     """At most how many bytes the cached training volumes take (float32, resampled to ``spacing``,
     padded to ``multiple`` and to at least ``patch``, before the foreground crop, which only shrinks
     them), from the headers alone: what a ``gpu`` cache takes from the memory that training has."""
-    if isinstance(spacing, str) and spacing.lower() in ("none", "null"):
-        spacing = None
+    spacing = _spacing(spacing)
     total = 0
     for item in datalist:
         shape = resampled_shape(item[key], spacing)

@@ -257,12 +257,11 @@ def check_fits(
     budget = headroom * total - cached_bytes
     cache = f" beside {cached_bytes / GIB:.2f} GiB of cached volumes (cache 'gpu')" if cached_bytes else ""
     if estimate > budget:
-        fits, smaller = largest_batch(p, patch, budget), largest_patch(p, patch, budget)
         if cached_bytes:
             suggestion = "cache 'memory' keeps the volumes in host memory and leaves the GPU to the step"
-        elif fits:
+        elif fits := largest_batch(p, patch, budget):
             suggestion = f"batch_size {fits} fits at this patch_size (with gradient_accumulation_steps for a larger batch)"
-        elif smaller:
+        elif smaller := largest_patch(p, patch, budget):
             suggestion = f"patch_size {smaller} fits at batch_size 1"
         else:
             suggestion = "no patch fits this network: use a larger factor (configs/examples/factors_8x.yaml) or fewer channels"
