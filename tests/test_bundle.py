@@ -52,6 +52,8 @@ WEIGHTS = (
     "models/model.pt",
     "models/model_autoencoder_8x.pt",
     "models/model_autoencoder_16x.pt",
+    "models/model_8x.pt",
+    "models/model_16x.pt",
 )
 TINY_AE = {"channels": [8, 16, 16], "norm_num_groups": 8, "latent_channels": 16}
 TINY_DIFFUSION = {"diffusion_channels": [32, 32], "diffusion_attention_levels": [False, False], "diffusion_num_res_blocks": 1}
@@ -256,7 +258,7 @@ def test_verify_metadata_rejects_a_broken_file(schema, tmp_path):
 
 def test_metadata_versions_match_requirements():
     meta = load_meta()
-    assert meta["version"] == "0.8.0" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.9.0" and meta["version"] in meta["changelog"]
     requirements = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -504,7 +506,7 @@ def test_pack_is_deterministic_and_holds_the_bundle(bundle, tmp_path):
         (other / name).parent.mkdir(parents=True, exist_ok=True)
         (other / name).write_bytes(b"junk")
     second = pack.pack(other, tmp_path / "b")
-    assert first.name == f"{NAME}_v0.8.0.zip"
+    assert first.name == f"{NAME}_v0.9.0.zip"
     assert first.read_bytes() == second.read_bytes()
 
     names = zip_names(first)

@@ -66,6 +66,23 @@ def test_sampling_config_builds_the_shipped_pair_from_model_pt():
     assert parser.get_parsed_content("scheduler").prediction_type == shipped["noise_schedule"]["prediction_type"]
 
 
+@pytest.mark.parametrize("factor, overlay, latent", [(8, "factors_8x.yaml", [128, 16, 16, 16]), (16, "factors_16x.yaml", [1024, 8, 8, 8])])
+def test_shipped_diffusion_models_of_other_factors_load_with_their_overlay(factor, overlay, latent):
+    """diffusion_Nx.yaml names the shipped pair for sampling, and merged over the training configs it
+    builds the UNet that the shipped model records, on the autoencoder it was trained with."""
+    sample = parse("configs/inference.yaml", f"configs/examples/diffusion_{factor}x.yaml", device=torch.device("cpu"))
+    shipped = torch.load(REPO / "models" / f"model_{factor}x.pt", map_location="cpu", weights_only=True)
+    for step in ("load_diffusion", "load_autoencoder"):
+        sample.get_parsed_content(step)
+    assert sample.get_parsed_content("latent_shape") == latent
+    assert sample.get_parsed_content("classes") == shipped["classes"] == ["EPI", "T1", "T2"]
+    train = parse("configs/train_autoencoder.yaml", f"configs/examples/{overlay}", "configs/train_diffusion.yaml", f"configs/examples/diffusion_{factor}x.yaml")
+    unconditional = dict(shipped["diffusion_args"], num_class_embeds=None)  # the classes come from the data
+    assert train.get_parsed_content("diffusion_args") == unconditional
+    assert train.get_parsed_content("autoencoder_args") == shipped["autoencoder_args"]
+    assert Path(train.get_parsed_content("autoencoder_ckpt")).name == f"model_autoencoder_{factor}x.pt"
+
+
 def test_sampling_refuses_an_autoencoder_other_than_model_pts(tmp_path):
     with pytest.raises(Exception) as info:
         parse(
