@@ -328,6 +328,7 @@ def test_large_files_lists_every_weight():
         assert entry["hash_val"] == "" or re.fullmatch(r"[0-9a-f]{64}", entry["hash_val"])
         if (REPO / entry["path"]).is_file():  # weights in place: their hash must be the listed one
             assert entry["hash_val"] == sha256(REPO / entry["path"]), "run python -m scripts.pack --update_hashes"
+            assert (REPO / entry["path"]).stat().st_size <= 20e6, "weights in models/ are kept under 20 MB (half precision)"
 
 
 # ---------------------------------------------------------------------------------------------
