@@ -393,6 +393,11 @@ def preprocessing(
 CACHES = ("memory", "gpu", "disk", "none")
 
 
+def _check_cache(cache: str) -> None:
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {cache!r}.")
+
+
 def make_dataset(
     data: Sequence[dict], transform, cache: str = "memory", cache_dir: str | None = None, num_workers: int = 0, copy_cache: bool = True
 ):
@@ -401,6 +406,7 @@ def make_dataset(
     (PersistentDataset) or ``none``. ``copy_cache`` is CacheDataset's: False skips the copy of each
     cached volume before the random transforms, for transforms that never write into their input (a
     random crop, whose view the loader's collation copies)."""
+    _check_cache(cache)
     if cache in ("memory", "gpu"):
         return CacheDataset(data, transform, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
     if cache == "disk":
@@ -409,9 +415,7 @@ def make_dataset(
         # the transforms' settings are part of the cache key, so a cache written with other factors,
         # spacing or intensity settings is never read back
         return PersistentDataset(data, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
-    if cache == "none":
-        return Dataset(data, transform)
-    raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {cache!r}.")
+    return Dataset(data, transform)  # cache 'none'
 
 
 def cache_placement(cache: str, device: torch.device | str, num_workers: int = 0, keys: str = "image") -> list:
@@ -419,8 +423,7 @@ def cache_placement(cache: str, device: torch.device | str, num_workers: int = 0
     that the random crop and the collation of each batch run there and the step does not wait for
     the host (MONAI's fast-training recipe: CacheDataset, then ToDevice); otherwise nothing. Data
     loading worker processes cannot reach a GPU's memory, so ``gpu`` needs ``num_workers`` 0."""
-    if cache not in CACHES:
-        raise ValueError(f"cache must be one of {', '.join(map(repr, CACHES))}, got {cache!r}.")
+    _check_cache(cache)
     if cache != "gpu":
         return []
     if num_workers:

@@ -257,7 +257,7 @@ def check_fits(
     budget = headroom * total - cached_bytes
     cache = f" beside {cached_bytes / GIB:.2f} GiB of cached volumes (cache 'gpu')" if cached_bytes else ""
     if estimate > budget:
-        if cached_bytes:
+        if cached_bytes and estimate <= headroom * total:
             suggestion = "cache 'memory' keeps the volumes in host memory and leaves the GPU to the step"
         elif fits := largest_batch(p, patch, budget):
             suggestion = f"batch_size {fits} fits at this patch_size (with gradient_accumulation_steps for a larger batch)"

@@ -89,6 +89,9 @@ def test_check_fits_refuses_a_step_that_will_not_fit_and_names_what_does(monkeyp
     assert plan.check_fits(step, [64, 64, 64], 2, "cuda", cached_bytes=cached) == pytest.approx(probe.peak_bytes([64, 64, 64], 2))
     with pytest.raises(ValueError, match=r"batch_size 3 needs about .* beside .* GiB of cached volumes \(cache 'gpu'\).* cache 'memory' keeps"):
         plan.check_fits(step, [64, 64, 64], 3, "cuda", cached_bytes=cached)
+    # a step that does not fit even without the cache: the batch that does is named, not the cache
+    with pytest.raises(ValueError, match=r"batch_size 8 needs about .* cached volumes .* batch_size 2 fits"):
+        plan.check_fits(step, [64, 64, 64], 8, "cuda", cached_bytes=cached)
 
 
 def test_training_config_declares_the_step_and_checks_it(tmp_path, monkeypatch):
