@@ -1,6 +1,6 @@
 """Validation curves of study runs, read from their training logs: a CSV (run, epoch, iteration,
-seconds since the first iteration, val_psnr, val_ssim) and, with --png, a plot against steps and
-against wall time.
+seconds of training, summed over the calls of a resumed run, val_psnr, val_ssim) and, with --png, a
+plot against steps and against wall time.
 
     python docs/study/curves.py RUNS_DIR --csv curves.csv [--png curves.png] [--epoch_length 500]
 """
@@ -25,18 +25,19 @@ def _time(stamp: str) -> datetime:
 def read_curves(runs_dir: Path, epoch_length: int) -> list[dict]:
     rows = []
     for log in sorted(runs_dir.glob("*/log.txt")):
-        start = None
+        start, before, seconds = None, 0.0, 0.0  # a run resumed in a later call adds its time to the earlier
         for line in log.read_text(errors="replace").splitlines():
-            if start is None and (m := START.search(line)):
-                start = _time(m.group(1))
+            if m := START.search(line):
+                start, before = _time(m.group(1)), seconds
             elif start is not None and (m := METRICS.search(line)):
+                seconds = before + (_time(m.group(1)) - start).total_seconds()
                 epoch = int(m.group(2))
                 rows.append(
                     {
                         "run": log.parent.name,
                         "epoch": epoch,
                         "iteration": epoch * epoch_length,
-                        "seconds": round((_time(m.group(1)) - start).total_seconds(), 1),
+                        "seconds": round(seconds, 1),
                         "val_psnr": float(m.group(3)),
                         "val_ssim": float(m.group(4)),
                     }
