@@ -56,12 +56,18 @@ def build_perceptual_loss(
     return None
 
 
-def build_auxiliary_losses(spatial_dims: int = 3, ssim_weight: float = 0.0, spectral_weight: float = 0.0) -> dict:
+def build_auxiliary_losses(
+    spatial_dims: int = 3, ssim_weight: float = 0.0, spectral_weight: float = 0.0, mse_weight: float = 0.0
+) -> dict:
     """Reconstruction losses beside L1 that need no download, as ``{name: (loss, weight)}`` for the
-    weights above 0: ``ssim_loss`` (MONAI's ``SSIMLoss``: 1 - SSIM, local structure and contrast) and
+    weights above 0: ``ssim_loss`` (MONAI's ``SSIMLoss``: 1 - SSIM, local structure and contrast),
     ``spectral_loss`` (:class:`SpectralLoss`, MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes,
-    which penalises the loss of high frequencies that L1 alone lets a model trade for blur)."""
+    which penalises the loss of high frequencies that L1 alone lets a model trade for blur) and
+    ``mse_loss`` (the squared error that PSNR measures: L1 and PSNR disagree once a network starts
+    at a least-squares code, such as the latent shortcut's)."""
     losses: dict[str, tuple[nn.Module, float]] = {}
+    if mse_weight > 0:
+        losses["mse_loss"] = (nn.MSELoss(), float(mse_weight))
     if ssim_weight > 0:
         losses["ssim_loss"] = (SSIMLoss(spatial_dims=spatial_dims, data_range=1.0), float(ssim_weight))
     if spectral_weight > 0:

@@ -47,6 +47,9 @@ def main() -> None:
     wide = load(9, "s9_16x_l1024_cos", "16x, 1024, channels (64, 128, 128)")
     wide += load(10, "s10_16x_cos", "16x, 1024, channels (64, 128, 128)", wide)
     plot(four + eight + sixteen + wide, DOCS / "quality_training.png", "Shipped weights: validation PSNR through the training stages (H100, 2026-11-27)")
+    start = [r for run in ("s12_4x_pool", "s12_4x_cos", "s12_4x_cos_lr2e-4", "s12_4x_cos_wide", "s12_8x_cos", "s12_8x_cos_c32") for r in load(12, run)]
+    start += load(13, "s13_8x_gain6") + load(13, "s13_8x_fp32")
+    plot(start, DOCS / "quality_code_start.png", "Started at the shortcut's code, from scratch: one schedule over two calls, two runs per H100 (2026-11-27)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Run the autoencoder trainings of one study stage side by side, one or more per GPU, each with the
 # common settings below plus its own overrides, then collect the validation curves.
 #   bash docs/study/run.sh SPEC_FILE DATA_DIR RUNS_DIR
-# SPEC_FILE: one run per line, "NAME GPU --key value ...". DATA_DIR holds train/ and val/.
+# SPEC_FILE: one run per line, "NAME GPU [VAR=VALUE ...] --key value ...". DATA_DIR holds train/ and val/.
 # Writes RUNS_DIR/NAME/{log.txt,model_autoencoder.pt,...} and RUNS_DIR/curves.csv.
 # A run whose folder already holds a checkpoint_last.pt resumes from it (optimizer, schedule and
 # iteration count), so one training can span several calls; STAGE_SECONDS, where set, is each run's
@@ -17,9 +17,11 @@ while read -r name gpu overrides; do
   [[ -z "$name" || "$name" == \#* ]] && continue
   mkdir -p "$runs/$name"
   eval "extra=($overrides)"
+  env=()  # leading NAME=VALUE words: this run's environment
+  while [[ ${#extra[@]} -gt 0 && "${extra[0]}" =~ ^[A-Z_][A-Z0-9_]*= ]]; do env+=("${extra[0]}"); extra=("${extra[@]:1}"); done
   [[ -n "${STAGE_SECONDS:-}" ]] && extra+=(--time_limit "$STAGE_SECONDS")
   [[ -f "$runs/$name/checkpoint_last.pt" ]] && extra+=(--resume_from "$runs/$name/checkpoint_last.pt")
-  CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 \
+  env "${env[@]}" CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 \
     python -m monai.bundle run training --config_file configs/train_autoencoder.yaml \
     "${common[@]}" --output_dir "$runs/$name" "${extra[@]}" >>"$runs/$name/log.txt" 2>&1 &
 done <"$spec"
