@@ -507,7 +507,7 @@ def test_pack_is_deterministic_and_holds_the_bundle(bundle, tmp_path):
         (other / name).parent.mkdir(parents=True, exist_ok=True)
         (other / name).write_bytes(b"junk")
     second = pack.pack(other, tmp_path / "b")
-    assert first.name == f"{NAME}_v0.9.0.zip"
+    assert first.name == f"{NAME}_v{load_meta()['version']}.zip"
     assert first.read_bytes() == second.read_bytes()
 
     names = zip_names(first)
