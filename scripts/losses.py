@@ -64,7 +64,7 @@ def build_auxiliary_losses(
     ``spectral_loss`` (:class:`SpectralLoss`, MONAI's ``JukeboxLoss``: L1 between Fourier amplitudes,
     which penalises the loss of high frequencies that L1 alone lets a model trade for blur) and
     ``mse_loss`` (the squared error that PSNR measures: L1 and PSNR disagree once a network starts
-    at a least-squares code, such as the latent shortcut's)."""
+    at a least-squares code, such as the cosine shortcut's)."""
     losses: dict[str, tuple[nn.Module, float]] = {}
     if mse_weight > 0:
         losses["mse_loss"] = (nn.MSELoss(), float(mse_weight))
