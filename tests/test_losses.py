@@ -90,8 +90,9 @@ def test_build_auxiliary_losses():
     assert isinstance(losses["ssim_loss"][0], SSIMLoss) and losses["ssim_loss"][1] == 0.2
     assert isinstance(losses["spectral_loss"][0], JukeboxLoss) and losses["spectral_loss"][1] == 0.05
     assert list(build_auxiliary_losses(3, spectral_weight=1.0)) == ["spectral_loss"]
-    assert list(build_auxiliary_losses(3, mse_weight=20.0)) == ["mse_loss"]
-    losses["mse_loss"] = build_auxiliary_losses(3, mse_weight=20.0)["mse_loss"]
+    mse = build_auxiliary_losses(3, mse_weight=20.0)
+    assert list(mse) == ["mse_loss"] and mse["mse_loss"][1] == 20.0
+    losses |= mse
     # each is 0 for a perfect reconstruction and positive for a blurred one
     torch.manual_seed(0)
     x = torch.rand(1, 1, 16, 16, 16)

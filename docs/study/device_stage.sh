@@ -10,7 +10,7 @@
 # Kept: the runs named, and the best run (by validation PSNR) of each name prefix in BEST_OF (default:
 # the best run of the stage). CALL_SECONDS bounds the whole call (default 570): training is cut short
 # so that the evaluation and the packing fit.
-# The runs live in .data/ae_runs, which a warm host keeps between calls: a run that has a
+# The runs live in .data/ae_runs/STAGE, which a warm host keeps between calls: a run that has a
 # checkpoint_last.pt resumes from it (run.sh), so a training longer than one call spans several, each
 # run stopping cleanly after STAGE_SECONDS. PACK=0 trains only (the first calls of such a series);
 # EVAL=0 packs the kept weights without evaluating them (scripts.evaluate on a CPU, later).
@@ -21,7 +21,7 @@ mkdir -p "${OUT:?set OUT to the folder for the results}"
 spec=$1; shift
 # A warm host keeps ignored folders of the working tree between calls: a first call may only install
 # and unpack (PREPARE_ONLY=1) into .data/, so that the next one, soon after, can carry more weights.
-site=$PWD/.data/site data=$PWD/.data/volumes runs=$PWD/.data/ae_runs
+site=$PWD/.data/site data=$PWD/.data/volumes runs=$PWD/.data/ae_runs/$(basename "$spec" .txt)  # one folder per stage
 if [[ ! -d $site/monai ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
 fi
@@ -30,7 +30,7 @@ if [[ ! -d $data/val ]]; then
   mkdir -p "$data" && tar xJf .data/data.tar.xz -C "$data" || exit 1
 fi
 [[ "${PREPARE_ONLY:-0}" == 1 ]] && { ls "$data/train" | wc -l; exit 0; }
-rm -rf /tmp/eval; mkdir -p /tmp/eval "$runs"
+rm -rf /tmp/eval; mkdir -p /tmp/eval "$runs"; rm -f "$runs"/*.pt "$runs"/*.log  # what an earlier call packed
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "$(( $(left) - 60 ))" bash docs/study/run.sh "$spec" "$data" "$runs"
 pkill -f "monai.bundle run training"; sleep 2  # runs past their time_limit

@@ -12,6 +12,7 @@ Prints the PSNR of the reconstruction from the posterior's mean before training 
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 
 import nibabel as nib
@@ -45,7 +46,7 @@ def main() -> None:
                v[c[0] - h - 16 : c[0] + h - 16, c[1] - h + 16 : c[1] + h + 16, c[2] - h : c[2] + h]]  # fmt: skip
     x = torch.from_numpy(np.stack(patches))[:, None].float()
     net = FactorAutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=[32, 64, 64],
-                              downsample_factors=eval(args.factors), latent_channels=args.latent_channels,
+                              downsample_factors=ast.literal_eval(args.factors), latent_channels=args.latent_channels,
                               shortcut=args.shortcut, num_res_blocks=1, attention_levels=[False] * 3, norm="channel")  # fmt: skip
     net = start_at_shortcut(init_posterior(net, -8.0))
     output = [m for m in net.decoder.blocks if isinstance(m, Convolution)][-1].conv
