@@ -22,6 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.io import atomic_path, remove_stale_temporaries
+from scripts.networks import encoder_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -352,3 +353,18 @@ class ResumeFromCheckpoint:
             )
         engine.state.max_epochs = max_epochs
         logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+def check_autoencoder_fingerprint(diffusion_ckpt: Mapping, autoencoder: torch.nn.Module, diffusion_path: str | Path, autoencoder_path: str | Path) -> None:
+    """Refuse an autoencoder whose encoder is not the one the diffusion model was trained on: with
+    the same architecture (``autoencoder_args``, checked on loading) but other weights, its latents
+    differ and the samples decode to noise without any error. A checkpoint that records no
+    fingerprint (saved before version 0.9.2) is not checked."""
+    recorded = diffusion_ckpt.get("autoencoder_fingerprint")
+    if recorded is not None and recorded != (ours := encoder_fingerprint(autoencoder)):
+        raise ValueError(
+            f"diffusion_ckpt '{diffusion_path}' was trained on the latents of an autoencoder whose encoder has "
+            f"fingerprint {recorded}, but autoencoder_ckpt '{autoencoder_path}' has {ours}: its latents differ. Pass the "
+            "autoencoder the diffusion model was trained with (a decoder fine-tune with freeze_encoder keeps the "
+            "fingerprint), or train the diffusion model on this autoencoder's latents."
+        )

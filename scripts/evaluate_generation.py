@@ -37,7 +37,7 @@ import torch
 from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 from monai.transforms import Compose, ResizeWithPadOrCrop
 
-from scripts.checkpoints import load_checkpoint, load_network
+from scripts.checkpoints import check_autoencoder_fingerprint, load_checkpoint, load_network
 from scripts.data import list_volumes, preprocessing
 from scripts.diffusion import latent_scale
 from scripts.io import atomic_path, write_atomic
@@ -196,6 +196,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     classes, key = list(ckpt.get("classes") or []), ckpt.get("condition_key")
     autoencoder = FactorAutoencoderKL(**ckpt["autoencoder_args"])
     load_network(autoencoder, args.autoencoder_ckpt, "autoencoder", ckpt["autoencoder_args"], "autoencoder_ckpt")
+    check_autoencoder_fingerprint(ckpt, autoencoder, args.diffusion_ckpt, args.autoencoder_ckpt)
     autoencoder.to(device).eval()
     real = RealVolumes(ckpt, autoencoder.total_factor, device)
     features = EncoderFeatures(args.feature_ckpt, device)

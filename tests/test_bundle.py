@@ -258,7 +258,7 @@ def test_verify_metadata_rejects_a_broken_file(schema, tmp_path):
 
 def test_metadata_versions_match_requirements():
     meta = load_meta()
-    assert meta["version"] == "0.9.1" and meta["version"] in meta["changelog"]
+    assert meta["version"] == "0.9.2" and meta["version"] in meta["changelog"]
     requirements = {}
     for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()

@@ -4,6 +4,7 @@ diffusion training on the latents (configs/train_diffusion.yaml) and sampling
 
 from __future__ import annotations
 
+import copy
 import csv
 import errno
 import io
@@ -43,7 +44,7 @@ from scripts.checkpoints import save_atomic
 from scripts.diffusion import latent_scale
 from scripts.inference import LatentEncoder, TiledInferer, _tiles, check_condition
 from scripts.metrics import body_mask, masked_quality
-from scripts.networks import FactorAutoencoderKL, Reconstructor
+from scripts.networks import FactorAutoencoderKL, Reconstructor, encoder_fingerprint
 
 NET = dict(channels=[8, 16, 16], norm_num_groups=8, latent_channels=16, downsample_factors=[2, 2], mixed_precision=None)
 SPACING = [4.0, 4.0, 4.0]
@@ -897,6 +898,33 @@ def test_generation_refuses_an_image_size_the_networks_cannot_make(tmp_path, tra
     assert f"image_size {size} does not fit the networks: each axis must be a multiple of [8, 8, 8]" in text
     assert "use e.g. [16, 16, 24]" in text
     assert not list(tmp_path.glob("sample_*"))
+
+
+def test_generation_refuses_an_autoencoder_whose_latents_the_diffusion_model_never_saw(tmp_path, trained_autoencoder, trained_diffusion):
+    """model.pt records the fingerprint of the encoder it was trained on. The same architecture with
+    another encoder weight is refused before sampling, naming both files; a new decoder (what
+    freeze_encoder trains) is accepted, and so is a checkpoint that records no fingerprint."""
+    ckpt = torch.load(trained_diffusion["ckpt"], weights_only=True)
+    autoencoder = torch.load(trained_autoencoder["ckpt"], weights_only=True)
+    net = FactorAutoencoderKL(**autoencoder["autoencoder_args"])
+    net.load_state_dict(autoencoder["autoencoder"])
+    assert ckpt["autoencoder_fingerprint"] == encoder_fingerprint(net)
+    other_encoder, other_decoder = copy.deepcopy(autoencoder), copy.deepcopy(autoencoder)
+    other_encoder["autoencoder"]["quant_conv_mu.conv.bias"] += 0.01
+    other_decoder["autoencoder"]["post_quant_conv.conv.bias"] += 0.01
+    for name, value in (("encoder", other_encoder), ("decoder", other_decoder)):
+        torch.save(value, tmp_path / f"{name}.pt")
+    workflow = make_workflow(GENERATE_CONFIG, **generate_overrides(tmp_path / "out", {"ckpt": tmp_path / "encoder.pt"}, trained_diffusion["ckpt"]))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    text = error_text(info.value)
+    assert f"diffusion_ckpt '{trained_diffusion['ckpt']}' was trained on the latents of an autoencoder" in text
+    assert f"autoencoder_ckpt '{tmp_path / 'encoder.pt'}' has" in text and "freeze_encoder" in text
+    make_workflow(GENERATE_CONFIG, **generate_overrides(tmp_path / "out", {"ckpt": tmp_path / "decoder.pt"}, trained_diffusion["ckpt"])).initialize()
+    del ckpt["autoencoder_fingerprint"]
+    torch.save(ckpt, tmp_path / "model.pt")
+    make_workflow(GENERATE_CONFIG, **generate_overrides(tmp_path / "out", {"ckpt": tmp_path / "encoder.pt"}, tmp_path / "model.pt")).initialize()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sample_*"))
 
 
 def test_generation_of_a_class_is_guided_and_reproducible(tmp_path, trained_autoencoder, trained_diffusion):

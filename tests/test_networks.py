@@ -807,6 +807,28 @@ def test_a_new_network_starts_at_its_shortcut_code_and_learns_from_there(shortcu
     assert all(torch.equal(before[k], v) for k, v in networks.start_at_shortcut(without).state_dict().items())
 
 
+def test_parameter_groups_slow_only_the_layers_that_add_to_the_code():
+    """parameter_groups: with a shortcut, the two zero-started output layers get output_lr_scale
+    times the learning rate and every other parameter the rate itself, once each; at scale 1 or
+    without a shortcut there is one group, as autoencoder.parameters(); a scale <= 0 is refused."""
+    ae = networks.start_at_shortcut(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut="cosine"))
+    rest, outputs = networks.parameter_groups(ae, 1e-3, 0.01)
+    assert (rest["lr"], outputs["lr"]) == (1e-3, pytest.approx(1e-5))
+    assert len(outputs["params"]) == 4 and all(not q.any() for q in outputs["params"])  # two convolutions, started at zero
+    assert {id(ae.quant_conv_mu.conv.weight), id(ae.quant_conv_mu.conv.bias)} <= {id(q) for q in outputs["params"]}
+    assert sorted(map(id, rest["params"] + outputs["params"])) == sorted(map(id, ae.parameters()))
+    optimizer = torch.optim.Adam([rest, outputs])
+    x = torch.rand(1, 1, 16, 16, 8)
+    torch.nn.functional.mse_loss(ae.reconstruct(x), x).backward()
+    before = ae.quant_conv_mu.conv.weight.clone()
+    optimizer.step()
+    assert 0 < max_abs_diff(ae.quant_conv_mu.conv.weight, before) <= 1.01e-5  # Adam's first step: about the rate
+    for one in (networks.parameter_groups(ae, 1e-3), networks.parameter_groups(make_ae(3, [2, 2], "space_to_depth"), 1e-3, 0.01)):
+        assert len(one) == 1 and one[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="output_lr_scale"):
+        networks.parameter_groups(ae, 1e-3, 0.0)
+
+
 def test_the_posterior_starts_with_the_same_noise_per_voxel_through_either_shortcut():
     """init_posterior's log variance is the noise an output voxel gets through the shortcut: the
     cosine synthesis adds up the noise of its k frequencies, so each latent value starts k times

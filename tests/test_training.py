@@ -27,7 +27,7 @@ from conftest import (
     train_overrides,
     write_volume,
 )
-from scripts.networks import FactorAutoencoderKL
+from scripts.networks import FactorAutoencoderKL, encoder_fingerprint
 
 EPOCH_LENGTH = 3  # four tiny volumes, one for validation, batch size 1
 
@@ -259,6 +259,42 @@ def test_init_from_starts_from_the_given_weights(tmp_path, tiny_dataset, trained
         workflow.initialize()
     text = "\n".join(str(e) for e in _chain(info.value))
     assert f"init_from '{trained_autoencoder['ckpt']}' was trained with downsample_factors=[2, 2]" in text
+
+
+def test_freeze_encoder_trains_the_decoder_and_keeps_the_latents(tmp_path, tiny_dataset, trained_autoencoder):
+    """freeze_encoder: a fine-tune of init_from changes the decoder and leaves every weight that makes
+    the latents, so the encoder fingerprint a diffusion model records stays valid; without
+    init_from it is refused before training."""
+    overrides = train_overrides(
+        tmp_path, tiny_dataset, downsample_factors=[2, 2], init_from=str(trained_autoencoder["ckpt"]), freeze_encoder=True,
+        max_epochs=1, epoch_length=4, val_interval=1, learning_rate=1e-3,
+    )  # fmt: skip
+    run_workflow(AE_CONFIG, **overrides)
+    before, after = (torch.load(p, map_location="cpu", weights_only=True) for p in (trained_autoencoder["ckpt"], tmp_path / "out" / "model_autoencoder.pt"))
+    nets = []
+    for ckpt in (before, after):
+        nets.append(FactorAutoencoderKL(**ckpt["autoencoder_args"]))
+        nets[-1].load_state_dict(ckpt["autoencoder"])
+    assert encoder_fingerprint(nets[0]) == encoder_fingerprint(nets[1])
+    assert any(not torch.equal(v, after["autoencoder"][k]) for k, v in before["autoencoder"].items() if k.startswith("decoder."))
+    workflow = make_workflow(AE_CONFIG, **dict(overrides, init_from=None))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert "freeze_encoder: true keeps the encoder of a trained autoencoder, but init_from is null" in "\n".join(str(e) for e in _chain(info.value))
+
+
+def test_diffusion_resume_refuses_another_encoder(tmp_path, trained_autoencoder, trained_diffusion):
+    """Resuming a diffusion training on an autoencoder whose encoder differs from the one it began
+    with is refused before training: the latents it learned are gone."""
+    other = torch.load(trained_autoencoder["ckpt"], weights_only=True)
+    other["autoencoder"]["quant_conv_mu.conv.bias"] += 0.01
+    torch.save(other, tmp_path / "other.pt")
+    resume = dict(trained_diffusion["overrides"], output_dir=str(tmp_path / "out"), autoencoder_ckpt=str(tmp_path / "other.pt"))
+    resume["resume_from"] = str(trained_diffusion["dir"] / "checkpoint_last.pt")
+    workflow = make_workflow(DIFFUSION_CONFIGS, **resume)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    assert f"autoencoder_ckpt '{tmp_path / 'other.pt'}' has" in "\n".join(str(e) for e in _chain(info.value))
 
 
 def _chain(error):

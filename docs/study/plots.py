@@ -50,6 +50,12 @@ def main() -> None:
     start = [r for run in ("s12_4x_pool", "s12_4x_cos", "s12_4x_cos_lr2e-4", "s12_4x_cos_wide", "s12_8x_cos", "s12_8x_cos_c32") for r in load(12, run)]
     start += load(13, "s13_8x_gain6") + load(13, "s13_8x_fp32")
     plot(start, DOCS / "quality_code_start.png", "Started at the shortcut's code, from scratch: one schedule over two calls, two runs per H100 (2026-11-27)")
+    squared = load(14, "s14_4x_pool_mse", "4x pool, squared error")
+    squared += load(14, "s14_4x_ft_mse", "4x pool, squared error", squared)  # its second schedule
+    mse = load(12, "s12_4x_pool", "4x pool, L1") + squared
+    mse += load(14, "s14_4x_pool_mse_quiet", "4x pool, squared error, no noise") + load(14, "s14_4x_cos_mse_quiet_out", "4x cosine, squared error, no noise, slow output")
+    mse += load(14, "s14_8x_mse", "8x cosine, squared error") + load(14, "s14_8x_mse_quiet_out", "8x cosine, squared error, no noise, slow output")
+    plot(mse, DOCS / "quality_mse.png", "The squared error in place of L1, from the code start: two runs per H100 (2026-11-27)")
 
 
 if __name__ == "__main__":
