@@ -6,6 +6,7 @@ two parameter-free codes of the latent shortcut (``pool`` and ``cosine``, as the
 A learned autoencoder that does not beat this linear code has not yet learned what a linear
 transform gets in seconds. Run from the bundle root:
     python docs/study/linear_floor.py DATA_DIR      (DATA_DIR holds train/ and val/, see prepare_volumes.py)
+    python docs/study/linear_floor.py DATA_DIR --cases 8:192,8:256      (other cells and latent sizes)
 """
 
 from __future__ import annotations
@@ -64,11 +65,13 @@ def pool_basis(f: int, k: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--cases", help='cell size and values kept, e.g. "8:192,8:256"; default: the latents of the shipped and earlier weights')
     args = parser.parse_args()
+    cases = [tuple(int(v) for v in case.split(":")) for case in args.cases.split(",")] if args.cases else CASES
     rng = np.random.default_rng(0)
     train = sorted((args.data_dir / "train").glob("*.nii*"))
     val = sorted((args.data_dir / "val").glob("*.nii*"))
-    for f, k in CASES:
+    for f, k in cases:
         codes = {"cosine": (cosine_basis((f,) * 3, 1, k).double().numpy() * f**1.5, 0.0)}
         try:
             codes["pool"] = (pool_basis(f, k), 0.0)
