@@ -37,6 +37,18 @@ def test_example_overlays_set_the_factors_they_document(example, total, latent):
     assert tuple(z_mu.shape[1:]) == latent
 
 
+def test_finetune_decoder_overlay_trains_only_the_shipped_decoder():
+    """configs/examples/finetune_decoder.yaml: the run starts from the shipped 4x weights, and the
+    optimizer holds every decoder parameter and none of those that make the latents."""
+    parser = parse("configs/train_autoencoder.yaml", "configs/examples/finetune_decoder.yaml")
+    assert Path(parser.get_parsed_content("init_from")) == REPO / "models" / "model_autoencoder.pt"
+    autoencoder = parser.get_parsed_content("autoencoder")
+    trained = {id(q) for group in parser.get_parsed_content("optimizer_g").param_groups for q in group["params"]}
+    assert all(id(q) in trained for q in autoencoder.decoder.parameters())
+    for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
+        assert not any(id(q) in trained or q.requires_grad for q in getattr(autoencoder, name).parameters()), name
+
+
 @pytest.mark.parametrize("overlay, ckpt", [(None, "models/model_autoencoder.pt"),
                                            ("factors_8x.yaml", "models/model_autoencoder_8x.pt"),
                                            ("factors_16x.yaml", "models/model_autoencoder_16x.pt")])
