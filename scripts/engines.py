@@ -283,6 +283,13 @@ class AutoencoderKLTrainer(Trainer):
             raise ValueError(f"gradient_accumulation_steps must be a positive integer, got {accumulation_steps!r}.")
         if (discriminator is None) != (d_optimizer is None):
             raise ValueError("discriminator and d_optimizer go together: give both or neither.")
+        if recon_weight < 0:
+            raise ValueError(f"recon_weight must be >= 0 (0 turns L1 off), got {recon_weight!r}.")
+        if recon_weight == 0 and not auxiliary_losses and not (perceptual_loss is not None and perceptual_weight > 0):
+            raise ValueError(
+                "no reconstruction loss: recon_weight (L1) is 0 and mse_weight, ssim_weight, spectral_weight and the "
+                "perceptual loss are off. Set mse_weight (the squared error, 20 by default) or recon_weight (e.g. 1)."
+            )
         super().__init__(
             device=device,
             max_epochs=max_epochs,

@@ -65,6 +65,9 @@ def build_auxiliary_losses(
     which penalises the loss of high frequencies that L1 alone lets a model trade for blur) and
     ``mse_loss`` (the squared error that PSNR measures: L1 and PSNR disagree once a network starts
     at a least-squares code, such as the cosine shortcut's)."""
+    for name, weight in (("ssim_weight", ssim_weight), ("spectral_weight", spectral_weight), ("mse_weight", mse_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} must be >= 0 (0 turns the loss off), got {weight!r}.")
     losses: dict[str, tuple[nn.Module, float]] = {}
     if mse_weight > 0:
         losses["mse_loss"] = (nn.MSELoss(), float(mse_weight))

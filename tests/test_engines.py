@@ -116,6 +116,11 @@ def test_refuses_bad_arguments():
         make_trainer(ae, disc, samples(1), 1, 0)
     with pytest.raises(ValueError, match="discriminator and d_optimizer go together"):
         AutoencoderKLTrainer("cpu", 1, DataLoader(samples(1)), ae, torch.optim.SGD(ae.parameters(), lr=1), discriminator=disc)
+    with pytest.raises(ValueError, match=r"no reconstruction loss: recon_weight \(L1\) is 0 .* Set mse_weight"):
+        make_trainer(ae, disc, samples(1), 1, 1, recon_weight=0.0)
+    with pytest.raises(ValueError, match="recon_weight must be >= 0"):
+        make_trainer(ae, disc, samples(1), 1, 1, recon_weight=-1.0)
+    make_trainer(ae, disc, samples(1), 1, 1, recon_weight=0.0, auxiliary_losses=build_auxiliary_losses(3, mse_weight=20.0))
 
 
 def test_adversarial_loss_waits_for_warmup():

@@ -90,6 +90,8 @@ def test_build_auxiliary_losses():
     assert isinstance(losses["ssim_loss"][0], SSIMLoss) and losses["ssim_loss"][1] == 0.2
     assert isinstance(losses["spectral_loss"][0], JukeboxLoss) and losses["spectral_loss"][1] == 0.05
     assert list(build_auxiliary_losses(3, spectral_weight=1.0)) == ["spectral_loss"]
+    with pytest.raises(ValueError, match="mse_weight must be >= 0"):
+        build_auxiliary_losses(3, mse_weight=-1.0)
     mse = build_auxiliary_losses(3, mse_weight=20.0)
     assert list(mse) == ["mse_loss"] and mse["mse_loss"][1] == 20.0
     losses |= mse
