@@ -18,9 +18,8 @@ import time
 import nibabel as nib
 import numpy as np
 import torch
-from monai.networks.blocks import Convolution
 
-from scripts.networks import FactorAutoencoderKL, init_posterior, start_at_shortcut
+from scripts.networks import FactorAutoencoderKL, init_posterior, parameter_groups, start_at_shortcut
 
 
 def main() -> None:
@@ -49,11 +48,7 @@ def main() -> None:
                               downsample_factors=ast.literal_eval(args.factors), latent_channels=args.latent_channels,
                               shortcut=args.shortcut, num_res_blocks=1, attention_levels=[False] * 3, norm="channel")  # fmt: skip
     net = start_at_shortcut(init_posterior(net, -8.0))
-    output = [m for m in net.decoder.blocks if isinstance(m, Convolution)][-1].conv
-    special = {id(q) for q in (output.weight, output.bias, net.quant_conv_mu.conv.weight, net.quant_conv_mu.conv.bias)}
-    rest = [q for q in net.parameters() if id(q) not in special]
-    outputs = [q for q in net.parameters() if id(q) in special]
-    opt = torch.optim.Adam([{"params": rest}, {"params": outputs, "lr": args.learning_rate * args.output_lr_scale}], lr=args.learning_rate)
+    opt = torch.optim.Adam(parameter_groups(net, args.learning_rate, args.output_lr_scale))  # the training config's groups
 
     def psnr() -> float:
         with torch.no_grad():
