@@ -10,7 +10,9 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
 
 - Fréchet distance (as MONAI's ``FIDMetric`` defines it) on features of the bundle's own autoencoder (its
   encoder's last hidden layer, mean and standard deviation over each of 4x4x4 regions of the
-  volume; ``--feature_ckpt``, the same network for every model compared), against the held-out
+  volume; ``--feature_ckpt``, the same network for every model compared: by default
+  ``models/model_features.pt``, a trained 4x autoencoder kept fixed so that distances compare across
+  versions of the shipped models), against the held-out
   volumes of the class; beside it two references: the training volumes against the same held-out
   ones (real against real), and decoded noise against them.
 - Diversity: the mean MS-SSIM between two samples; beside it the same between two training volumes.
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.evaluate_generation", description=__doc__.split("\n\n")[0])
     p.add_argument("--diffusion_ckpt", default="models/model.pt", help="the diffusion model (model.pt) to evaluate")
     p.add_argument("--autoencoder_ckpt", default="models/model_autoencoder.pt", help="the autoencoder it was trained with")
-    p.add_argument("--feature_ckpt", default="models/model_autoencoder.pt", help="the autoencoder whose encoder gives the features")
+    p.add_argument("--feature_ckpt", default="models/model_features.pt", help="the autoencoder whose encoder gives the features")
     p.add_argument("--train_dir", required=True, help="the volumes the model was trained on (folder or datalist JSON)")
     p.add_argument("--val_dir", required=True, help="held-out volumes of the same kinds (folder or datalist JSON)")
     p.add_argument("--output_dir", default="eval/generation", help="where generation.json/.md, the grids and the samples go")

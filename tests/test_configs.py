@@ -21,7 +21,7 @@ def parse(*files: str, **overrides) -> ConfigParser:
 @pytest.mark.parametrize(
     "example, total, latent",
     [
-        ("factors_8x.yaml", (8, 8, 8), (128, 16, 16, 8)),
+        ("factors_8x.yaml", (8, 8, 8), (192, 16, 16, 8)),
         ("factors_16x.yaml", (16, 16, 16), (1024, 8, 8, 4)),
         ("anisotropic.yaml", (4, 4, 2), (16, 16, 16, 16)),
     ],
@@ -74,11 +74,11 @@ def test_sampling_config_builds_the_shipped_pair_from_model_pt():
     assert parser.get_parsed_content("diffusion_args") == shipped["diffusion_args"]
     assert parser.get_parsed_content("classes") == shipped["classes"] == ["EPI", "T1", "T2"]
     image_size = shipped["image_size"]
-    assert parser.get_parsed_content("latent_shape") == [16, *(s // 4 for s in image_size)]
+    assert parser.get_parsed_content("latent_shape") == [32, *(s // 4 for s in image_size)]
     assert parser.get_parsed_content("scheduler").prediction_type == shipped["noise_schedule"]["prediction_type"]
 
 
-@pytest.mark.parametrize("factor, overlay, latent", [(8, "factors_8x.yaml", [128, 16, 16, 16]), (16, "factors_16x.yaml", [1024, 8, 8, 8])])
+@pytest.mark.parametrize("factor, overlay, latent", [(8, "factors_8x.yaml", [192, 16, 16, 16]), (16, "factors_16x.yaml", [1024, 8, 8, 8])])
 def test_shipped_diffusion_models_of_other_factors_load_with_their_overlay(factor, overlay, latent):
     """diffusion_Nx.yaml names the shipped pair for sampling, and merged over the training configs it
     builds the UNet that the shipped model records, on the autoencoder it was trained with."""

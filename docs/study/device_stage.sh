@@ -33,7 +33,7 @@ fi
 rm -rf /tmp/eval; mkdir -p /tmp/eval "$runs"; rm -f "$runs"/*.pt "$runs"/*.log  # what an earlier call packed
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "$(( $(left) - 60 ))" bash docs/study/run.sh "$spec" "$data" "$runs"
-pkill -f "monai.bundle run training"; sleep 2  # runs past their time_limit
+pkill -f "output_dir $runs/"; sleep 2  # this stage's runs past their time_limit (a generation stage beside it runs on)
 python3 docs/study/curves.py "$runs" --csv "$OUT/curves.csv" | tee "$OUT/summary.txt"
 for d in "$runs"/*/; do grep -v -i "warn" "$d/log.txt" | grep -v "^ *warnings\.\|^$" > "$runs/$(basename "$d").log"; done
 tar czf "$OUT/logs.tar.gz" -C "$runs" $(cd "$runs" && ls *.log)
