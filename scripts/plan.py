@@ -141,7 +141,8 @@ def trainer_step(
         adv_weight=0.01 if step.adversarial else 0.0,
         adv_warmup_epochs=0,
         auxiliary_losses=step.auxiliary_losses,
-        amp_dtype=autocast_dtype(step.mixed_precision, device),
+        # the CPU probe runs in float32 by design: no log line saying that bf16 is ignored there
+        amp_dtype=autocast_dtype(step.mixed_precision, device) if device.type == "cuda" else None,
     )
     trainer.state.epoch, trainer.state.epoch_length, trainer.state.device = 1, 1, device
 

@@ -45,6 +45,15 @@ def test_probe_scales_with_voxels_and_leaves_the_random_state():
     assert all(p.grad is None for p in step.autoencoder.parameters())
 
 
+def test_probe_on_the_cpu_says_nothing_about_mixed_precision(caplog):
+    """The probe runs in float32 on the CPU by design: a GPU training that plans its step must not
+    log that its bf16 is ignored."""
+    step = tiny_step(mixed_precision="bf16")
+    with caplog.at_level("INFO"):
+        plan.probe(step)
+    assert "ignored" not in caplog.text
+
+
 def test_what_changes_a_step_changes_the_estimate():
     base = plan.probe(tiny_step())
     patch = [64, 64, 64]
