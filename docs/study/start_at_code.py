@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
 
 from scripts.networks import FactorAutoencoderKL, encoder_fingerprint, init_posterior, start_at_shortcut
 
-INITIAL_LOG_VAR = -8.0  # train_autoencoder.yaml's initial_log_var
+TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train_autoencoder.yaml"
 
 
 def main() -> None:
@@ -33,8 +35,11 @@ def main() -> None:
     network_args = {**reference["autoencoder_args"], **json.loads(args.changes)}
     if not network_args.get("shortcut"):
         raise SystemExit(f"{args.changes}: a network without a latent shortcut has no code to start at")
+    if Path(args.output).exists():
+        raise SystemExit(f"{args.output} exists: name a new file (this script never overwrites one)")
+    initial_log_var = ConfigParser.load_config_file(TRAIN_CONFIG)["initial_log_var"]  # as a training run starts
     torch.manual_seed(args.seed)
-    network = start_at_shortcut(init_posterior(FactorAutoencoderKL(**network_args), INITIAL_LOG_VAR))
+    network = start_at_shortcut(init_posterior(FactorAutoencoderKL(**network_args), initial_log_var))
     with open(args.output, "xb") as f:
         torch.save({"autoencoder": network.state_dict(), "autoencoder_args": network_args,
                     "preprocessing": reference["preprocessing"]}, f)
