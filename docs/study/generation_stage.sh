@@ -12,6 +12,8 @@
 # The runs live in .data/gen_runs, which a warm host keeps between calls: a run whose folder holds a
 # checkpoint_last.pt resumes from it (optimizer, moving average and step count), so a long training
 # spans several calls. EVAL=0 trains only (no evaluation, no timing): the first calls of such a series.
+# Send the files it reads (.data/generation.tar.xz, the checkpoints the spec names), not the folder .data:
+# a folder sent again replaces the one on the host, and with it the runs to resume (stage 12 lost a call so).
 set -uo pipefail
 deadline=$(( SECONDS + ${CALL_SECONDS:-540} - 45 ))  # 45 s to pack what there is
 left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
