@@ -10,7 +10,8 @@ training step on the latents of each total factor; each eager and under ``torch.
 training config's ``compile`` applies it (``--compile``: its values; none for eager only); the bundle's
 own training step as its configs declare it, over patches and batches (``--training_configs``); and
 reconstruction of one large volume through the inference config's tiled path (TiledInferer). Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps; time is the median of CUDA-synchronised steps
+``torch.cuda.max_memory_allocated`` over the timed steps (and the warm-up, where CUDA graphs take their
+memory pool, for their compile modes); time is the median of CUDA-synchronised steps
 after warm-up. Beside every eager training step it records the memory planner's estimate
 (``scripts.plan``: ``planned_bytes``, ``planned_seconds``). It prints a table and writes JSON.
 """
@@ -32,7 +33,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 from monai.networks.schedulers import DDPMScheduler
 
 from scripts import plan
-from scripts.engines import autocast, compiled
+from scripts.engines import autocast, compiled, uses_cuda_graphs
 from scripts.networks import FactorAutoencoderKL, total_factor
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +58,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict:
-    """Median seconds per step after warm-up, and peak allocated bytes over the timed steps."""
+def _measure(step: Callable[[], Any], device: torch.device, warmup: int, steps: int, graphs: bool = False) -> dict:
+    """Median seconds per step after warm-up, and peak allocated bytes over the timed steps; with
+    ``graphs`` (a CUDA-graph compile mode) over the warm-up too, where the graphs are recorded and
+    their memory pool is taken."""
+    if device.type == "cuda" and graphs:
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not graphs:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
@@ -76,7 +81,10 @@ def _measure(step: Callable[[], Any], device: torch.device, warmup: int, steps: 
 
 
 def _free(device: torch.device) -> None:
-    """Return the last measurement's GPU memory, so that the next peak is its own (nothing to do on CPU)."""
+    """Return the last measurement's GPU memory, so that the next peak is its own, and forget its
+    compiled graphs: the next network compiles afresh for its own shapes, not as a recompilation with
+    dynamic shapes (which kept a CUDA-graph run compiling for minutes)."""
+    torch._dynamo.reset()
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -106,8 +114,11 @@ def diffusion_step(
     unet = compiled(bare, compile)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     latents = torch.randn(batch_size, *latent_shape, device=device)
+    graphs = uses_cuda_graphs(compile)
 
     def step() -> Any:
+        if graphs:  # as CUDAGraphSteps marks each step in training
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch_size,), device=device)
@@ -174,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     def record(table: list, name: str, make: Callable[[], Callable[[], Any]], **extra: Any) -> dict:
         _free(device)
         try:
-            row = {"name": name, **extra, **_measure(make(), device, args.warmup, args.steps)}
+            row = {"name": name, **extra, **_measure(make(), device, args.warmup, args.steps, uses_cuda_graphs(extra.get("compile")))}
         except torch.OutOfMemoryError as e:
             row = {"name": name, **extra, "seconds": None, "peak_bytes": None, "error": f"out of memory: {e}"}
         table.append(row)

@@ -63,44 +63,74 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: i
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}.")
 
 
-def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
-    """The module a trainer runs: ``network`` through ``torch.compile`` when ``compile`` is true
-    (TorchInductor), names an Inductor mode (``"max-autotune-no-cudagraphs"``, ...) or names another
-    backend (``"aot_eager"``, ...), and ``network`` itself when it is false. The compiled module shares
-    the network's parameters, so checkpoints, the moving average and validation keep using the bare
-    network and its keys. Where a graph cannot be compiled (no C++ compiler for CPU kernels, an
-    operation the compiler does not handle), TorchDynamo runs it eagerly and warns, instead of
-    stopping the training.
-
-    Modes with CUDA graphs (``reduce-overhead``, ``max-autotune``, the ``cudagraphs`` backend) are
-    refused: on an H100 the autoencoder's training step stopped within its first steps, reading a
-    tensor output of a CUDA graph that the next replay had overwritten."""
-    if compile is None or compile is False:
-        return network
+def _compile_choices() -> tuple[set[str], list[str], list[str]]:
+    """Inductor's modes that run CUDA graphs (with the ``cudagraphs`` backend), its other modes, and the
+    other torch.compile backends."""
     import torch._inductor  # here: its import costs every run a second or more
 
     all_modes = torch._inductor.list_mode_options()
     graphed = {m for m in all_modes if torch._inductor.list_mode_options(m).get("triton.cudagraphs")} | {"cudagraphs"}
     modes = [m for m in all_modes if m not in graphed]
     backends = sorted((set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}) - graphed)
-    if compile in graphed:
-        raise ValueError(
-            f"compile {compile!r} runs the networks as CUDA graphs, which this training loop does not support yet "
-            f"(a tensor output of a graph is read after the next replay overwrote it); use compile true, or one of {', '.join(modes)}."
-        )
-    if compile is True or compile in modes:
+    return graphed, modes, backends
+
+
+def uses_cuda_graphs(compile: bool | str | None) -> bool:
+    """Whether ``compile`` (the training config's key) runs the networks as CUDA graphs
+    (``reduce-overhead``, ``max-autotune``, the ``cudagraphs`` backend), so that the trainer must mark
+    its steps (:class:`CUDAGraphSteps`)."""
+    return isinstance(compile, str) and compile in _compile_choices()[0]
+
+
+def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
+    """The module a trainer runs: ``network`` through ``torch.compile`` when ``compile`` is true
+    (TorchInductor), names an Inductor mode (``"reduce-overhead"``, ...) or names another backend
+    (``"aot_eager"``, ...), and ``network`` itself when it is false. The compiled module shares the
+    network's parameters, so checkpoints, the moving average and validation keep using the bare
+    network and its keys. Where a graph cannot be compiled (no C++ compiler for CPU kernels, an
+    operation the compiler does not handle), TorchDynamo runs it eagerly and warns, instead of
+    stopping the training.
+
+    The modes with CUDA graphs (``reduce-overhead``, ``max-autotune``, the ``cudagraphs`` backend)
+    replay each step's kernels as one graph, which is what pays where a step is bound by kernel
+    launches (8x and 16x, the diffusion UNet). A graph's outputs live in memory that its next replay
+    overwrites, so the trainer marks where each optimizer step begins (:class:`CUDAGraphSteps`, which
+    the training configs attach for these modes); on a CPU they compile as the default mode."""
+    if compile is None or compile is False:
+        return network
+    graphed, modes, backends = _compile_choices()
+    if compile is True or compile in modes or (compile in graphed and compile != "cudagraphs"):
         kwargs, what = {"mode": None if compile is True else compile}, f"mode {'default' if compile is True else compile}"
-    elif compile in backends:
+    elif compile in backends or compile == "cudagraphs":
         kwargs, what = {"backend": compile}, f"backend {compile}"
     else:
         raise ValueError(
-            f"compile must be true, false, an Inductor mode ({', '.join(modes)}) or a torch.compile backend "
-            f"({', '.join(backends)}); got {compile!r}."
+            f"compile must be true, false, an Inductor mode ({', '.join([*modes, *sorted(graphed - {'cudagraphs'})])}) "
+            f"or a torch.compile backend ({', '.join(backends)}, cudagraphs); got {compile!r}."
         )
     torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
     bare = getattr(network, "module", network)  # the network inside DistributedDataParallel
     logger.info(f"torch.compile of {type(bare).__name__} ({what}): the first steps include the compilation")
     return torch.compile(network, **kwargs)
+
+
+class CUDAGraphSteps:
+    """Trainer handler for the compile modes with CUDA graphs: marks the start of every optimizer step
+    (``torch.compiler.cudagraph_mark_step_begin``), so the graphs may overwrite the previous step's
+    outputs, which nothing reads any more. Without it the networks' second call within a step and the
+    next step's first call cannot tell apart, and a replay overwrote an output still in use. Within a
+    window of gradient accumulation the micro-batches are one step: the gradients they accumulate stay
+    where the graphs' replays cannot overwrite them. Counted per epoch, as the trainers count their
+    windows (the last one of an epoch may be short)."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        length = engine.state.epoch_length
+        local = (engine.state.iteration - 1) % length if length else engine.state.iteration - 1
+        if local % getattr(engine, "accumulation_steps", 1) == 0:
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 class EpochSeed:

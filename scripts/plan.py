@@ -35,7 +35,7 @@ import torch
 from monai.bundle import ConfigParser
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scripts.engines import AutoencoderKLTrainer, autocast_dtype, compiled
+from scripts.engines import AutoencoderKLTrainer, autocast_dtype, compiled, uses_cuda_graphs
 from scripts.io import claimed, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,12 @@ def trainer_step(
         amp_dtype=autocast_dtype(step.mixed_precision, device) if device.type == "cuda" else None,
     )
     trainer.state.epoch, trainer.state.epoch_length, trainer.state.device = 1, 1, device
+    graphs = uses_cuda_graphs(compile)
 
     def run() -> Any:
         trainer.state.iteration = 1
+        if graphs:  # as CUDAGraphSteps marks each step in training
+            torch.compiler.cudagraph_mark_step_begin()
         return trainer._iteration(trainer, {"image": images})
 
     return run

@@ -231,3 +231,19 @@ def _chained(error: BaseException) -> str:
         parts.append(str(error))
         error = error.__cause__ or error.__context__
     return "\n".join(parts)
+
+
+@pytest.mark.parametrize("files", [["configs/train_autoencoder.yaml"], ["configs/train_autoencoder.yaml", "configs/train_diffusion.yaml"]])
+def test_training_marks_its_steps_for_cuda_graphs_only(files):
+    from scripts.engines import CUDAGraphSteps
+
+    assert isinstance(parse(*files, compile="reduce-overhead").get_parsed_content("cuda_graph_steps"), CUDAGraphSteps)
+    for compile in (False, True, "max-autotune-no-cudagraphs"):
+        assert parse(*files, compile=compile).get_parsed_content("cuda_graph_steps") is None
+
+
+def test_diffusion_training_runs_cuda_graphs_on_a_gpu_only():
+    files = ("configs/train_autoencoder.yaml", "configs/train_diffusion.yaml")
+    assert parse(*files, device=torch.device("cuda")).get_parsed_content("compile") == "reduce-overhead"
+    assert parse(*files, device=torch.device("cpu")).get_parsed_content("compile") is False
+    assert parse(files[0], device=torch.device("cuda")).get_parsed_content("compile") is False  # the autoencoder: eager unless asked

@@ -18,7 +18,16 @@ from monai.transforms import RandSpatialCropd
 from conftest import TINY_AUTOENCODER
 from scripts import engines
 from scripts.losses import build_auxiliary_losses
-from scripts.engines import AutoencoderKLTrainer, EpochSeed, ReshuffleEachPass, Throughput, autocast_dtype, compiled
+from scripts.engines import (
+    AutoencoderKLTrainer,
+    CUDAGraphSteps,
+    EpochSeed,
+    ReshuffleEachPass,
+    Throughput,
+    autocast_dtype,
+    compiled,
+    uses_cuda_graphs,
+)
 from scripts.networks import FactorAutoencoderKL
 
 PATCH = (16, 16, 16)
@@ -333,11 +342,24 @@ def test_compiled_shares_the_networks_parameters():
     assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and module._orig_mod is network
     assert [p.data_ptr() for p in module.parameters()] == [p.data_ptr() for p in network.parameters()]
     assert compiled(network, "max-autotune-no-cudagraphs")._orig_mod is network  # an Inductor mode (compiled at the first call)
-    with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*max-autotune-no-cudagraphs.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
+    with pytest.raises(ValueError, match=r"compile must be true, false, an Inductor mode \(.*max-autotune-no-cudagraphs.*reduce-overhead.*\) or a torch.compile backend \(.*inductor.*\); got 'fast'"):
         compiled(network, "fast")
-    for mode in ("reduce-overhead", "max-autotune", "cudagraphs"):  # CUDA graphs: refused, naming what works
-        with pytest.raises(ValueError, match=rf"compile '{mode}' runs the networks as CUDA graphs, .*use compile true, or one of default"):
-            compiled(network, mode)
+    for mode in ("reduce-overhead", "max-autotune", "cudagraphs"):  # CUDA graphs: compiled, and the trainers mark their steps
+        assert compiled(network, mode)._orig_mod is network and uses_cuda_graphs(mode)
+    assert not any(uses_cuda_graphs(c) for c in (False, None, True, "default", "eager", "max-autotune-no-cudagraphs"))
+
+
+@pytest.mark.parametrize("accumulation, marked", [(1, [1, 2, 3, 4, 5, 6]), (2, [1, 3, 4, 6])])
+def test_cuda_graph_steps_are_marked_where_each_optimizer_step_begins(monkeypatch, accumulation, marked):
+    """Every iteration is a step of its own; with gradient accumulation a window of micro-batches is
+    one, counted per epoch as the trainers count their windows (epochs of 3: windows 2 + 1)."""
+    engine = Engine(lambda e, b: None)
+    engine.accumulation_steps = accumulation
+    CUDAGraphSteps().attach(engine)
+    seen = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: seen.append(engine.state.iteration))
+    engine.run(range(3), max_epochs=2, epoch_length=3)
+    assert seen == marked
 
 
 # ---------------------------------------------------------------------------------------------

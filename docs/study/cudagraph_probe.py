@@ -1,9 +1,8 @@
 """Does a CUDA-graph compile mode make the launch-bound diffusion UNet step faster? The benchmark's
 UNet step (scripts.benchmark: 256x256x64 volumes, 3 latent channels, UNet 64/128/128, batch 1, bf16)
 eager, under Inductor's default mode, and under ``reduce-overhead`` (CUDA graphs) with
-``torch.compiler.cudagraph_mark_step_begin()`` before each step, which tells the graphs that the
-last step's outputs are no longer read (what the bundle's training loop lacked when that mode
-stopped it). GPU only.
+``torch.compiler.cudagraph_mark_step_begin()`` before each step (as the benchmark's step does for
+these modes), which tells the graphs that the last step's outputs are no longer read. GPU only.
 
     python docs/study/cudagraph_probe.py OUT.json [FACTOR ...]
 """
@@ -20,22 +19,9 @@ import torch
 import scripts.benchmark as benchmark
 
 
-def _compiled(network: torch.nn.Module, mode: str | None) -> torch.nn.Module:
-    """scripts.engines.compiled without its refusal of the CUDA-graph modes, which this probe measures."""
-    return network if mode is None else torch.compile(network, mode=None if mode == "default" else mode)
-
-
 def unet_step(latent: list[int], args: dict, mode: str | None) -> Callable[[], float]:
-    """The benchmark's UNet step at batch 1, bf16, its UNet under ``mode`` (None: eager), each step
-    marked as a new one for CUDA graphs."""
-    benchmark.compiled = _compiled
-    step = benchmark.diffusion_step(latent, 1, torch.bfloat16, torch.device("cuda"), args, mode)
-
-    def marked() -> float:
-        torch.compiler.cudagraph_mark_step_begin()
-        return step()
-
-    return marked
+    """The benchmark's UNet step at batch 1, bf16, its UNet under ``mode`` (None: eager)."""
+    return benchmark.diffusion_step(latent, 1, torch.bfloat16, torch.device("cuda"), args, mode)
 
 
 def main(out: str, *factors: str) -> None:
@@ -49,7 +35,7 @@ def main(out: str, *factors: str) -> None:
             torch._dynamo.reset()
             start = time.perf_counter()
             try:
-                row = benchmark._measure(unet_step(latent, args, mode), device, warmup=15, steps=40)
+                row = benchmark._measure(unet_step(latent, args, mode), device, 15, 40, graphs=mode == "reduce-overhead")
             except Exception as e:  # the mode that failed in training: record why, go on
                 row = {"error": f"{type(e).__name__}: {e}"[:400]}
             row.update(factor=factor, mode=mode or "eager", wall_s=round(time.perf_counter() - start, 1))
