@@ -691,23 +691,50 @@ class FactorAutoencoderKL(AutoencoderKL):
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check_divisible(tuple(x.shape[2:]))
         z_mu, z_sigma = super().encode(x)
-        if self.shortcut == "pool":
-            full, packed, k, p = _cell_patterns(self.spatial_dims, pool=True)
-            sizes = dict(zip(k, self.shortcut_keep)) | dict(zip(p, self.shortcut_pool))
-            z_mu = z_mu + reduce(x, f"{full} -> {packed}", "mean", **sizes).to(z_mu.dtype)
-        elif self.shortcut == "cosine":
-            z_mu = z_mu + self._cosine(x, analysis=True)  # float32 under autocast too
+        if self.shortcut is not None:
+            z_mu = z_mu + self._code(x).to(z_mu.dtype if self.shortcut == "pool" else torch.float32)  # cosine: float32 under autocast too
         return z_mu, z_sigma
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None:
+            return super().decode(z)
+        cells = self._cells(z)
+        if not self._adds_to_code(_output_convs(self)[0]):
+            return cells  # the decoder's output is exactly zero: only its cost is skipped
         dec = super().decode(z)
+        return dec + (cells.to(dec.dtype) if self.shortcut == "pool" else cells)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """MONAI's ``reconstruct`` (the decoded ``z_mu``), without the encoder where it adds nothing
+        to the shortcut's code (``quant_conv_mu`` zero): its ``z_sigma`` is not used here."""
+        if self.shortcut is None or self._adds_to_code(self.quant_conv_mu.conv):
+            return super().reconstruct(x)
+        self._check_divisible(tuple(x.shape[2:]))
+        return self.decode(self._code(x))
+
+    def _adds_to_code(self, conv: nn.Module) -> bool:
+        """Whether ``conv``, one of the two layers that add to the shortcut's code (``_output_convs``),
+        can change the output. The 4x and 8x networks that ship are their code alone (docs/quality.md):
+        both layers are zero, and the encoder and decoder behind them, whose output they zero, cost
+        seconds per volume on a CPU for nothing. Checked only outside autograd, compilation and
+        tracing (inference, validation), so that training runs every layer as before."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return True
+        return bool(conv.weight.any()) or (conv.bias is not None and bool(conv.bias.any()))
+
+    def _code(self, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut's code of ``x``: each cell's mean (``pool``) or its lowest frequencies (``cosine``)."""
         if self.shortcut == "pool":
             full, packed, k, p = _cell_patterns(self.spatial_dims, pool=True)
-            sizes = dict(zip(k, self.shortcut_keep)) | dict(zip(p, self.shortcut_pool))
-            dec = dec + repeat(z, f"{packed} -> {full}", **sizes).to(dec.dtype)
-        elif self.shortcut == "cosine":
-            dec = dec + self._cosine(z, analysis=False)
-        return dec
+            return reduce(x, f"{full} -> {packed}", "mean", **dict(zip(k, self.shortcut_keep)), **dict(zip(p, self.shortcut_pool)))
+        return self._cosine(x, analysis=True)
+
+    def _cells(self, z: torch.Tensor) -> torch.Tensor:
+        """The cells that the shortcut's code ``z`` stands for: the inverse of :meth:`_code`."""
+        if self.shortcut == "pool":
+            full, packed, k, p = _cell_patterns(self.spatial_dims, pool=True)
+            return repeat(z, f"{packed} -> {full}", **dict(zip(k, self.shortcut_keep)), **dict(zip(p, self.shortcut_pool)))
+        return self._cosine(z, analysis=False)
 
     def _cosine(self, x: torch.Tensor, analysis: bool) -> torch.Tensor:
         """Each cell of ``x`` to its frequencies (``analysis``), or frequencies back to cells, in

@@ -807,6 +807,30 @@ def test_a_new_network_starts_at_its_shortcut_code_and_learns_from_there(shortcu
     assert all(torch.equal(before[k], v) for k, v in networks.start_at_shortcut(without).state_dict().items())
 
 
+@pytest.mark.parametrize("shortcut", ["pool", "cosine"])
+def test_inference_skips_the_layers_that_add_nothing_to_the_code(shortcut):
+    """With both output layers zero (a network at its code, as the shipped 4x and 8x files), inference
+    runs neither the encoder nor the decoder, and returns exactly what running them returns; with
+    gradients on (training) every layer runs, and a trained layer is never skipped."""
+    ae = networks.start_at_shortcut(make_ae(3, [2, 2], "space_to_depth", norm="channel", latent_channels=16, shortcut=shortcut)).eval()
+    x = torch.rand(2, 1, 16, 16, 8)
+    full, full_z = ae.reconstruct(x), ae.decode(ae.encode(x)[0])  # gradients on: every layer runs
+    calls = []
+    for module in (ae.encoder, ae.decoder):
+        module.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    with torch.no_grad():
+        torch.testing.assert_close(ae.reconstruct(x), full, atol=0, rtol=0)
+        torch.testing.assert_close(ae.decode(ae._code(x)), full_z, atol=0, rtol=0)
+    assert calls == []
+    ae.reconstruct(x)
+    assert calls == ["FactorEncoder", "FactorDecoder"]
+    with torch.no_grad():
+        networks._output_convs(ae)[0].bias.fill_(0.5)  # the decoder now adds to the code: it runs, the encoder still need not
+        calls.clear()
+        assert max_abs_diff(ae.reconstruct(x), full) == pytest.approx(0.5)
+    assert calls == ["FactorDecoder"]
+
+
 def test_parameter_groups_slow_only_the_layers_that_add_to_the_code():
     """parameter_groups: with a shortcut, the two zero-started output layers get output_lr_scale
     times the learning rate and every other parameter the rate itself, once each; at scale 1 or
