@@ -4,6 +4,8 @@ tests/test_losses.py; the diffusion model's pieces: tests/test_diffusion.py."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 import random
 
@@ -22,6 +24,7 @@ from scripts.engines import (
     AutoencoderKLTrainer,
     CUDAGraphSteps,
     EpochSeed,
+    MultiTensorEMAHandler,
     ReshuffleEachPass,
     Throughput,
     autocast_dtype,
@@ -460,3 +463,25 @@ def test_throughput_reports_steps_per_second_and_the_share_spent_waiting_for_dat
     metrics = engine.state.metrics
     assert 10 < metrics["steps_per_second"] < 26  # 25 at most: 40 ms per step
     assert 0.3 < metrics["data_wait"] < 0.7
+
+
+def test_multi_tensor_ema_averages_as_ignites_handler():
+    """The same averaged weights as ignite's EMAHandler, step for step through the momentum warm-up,
+    with the buffers (the cosine shortcut's basis) copied as ignite copies them."""
+    from ignite.handlers import EMAHandler
+
+    network = FactorAutoencoderKL(**dict(TINY_AUTOENCODER, shortcut="cosine", latent_channels=8), downsample_factors=[2, 2])
+    averaged = {}
+    for handler_type in (EMAHandler, MultiTensorEMAHandler):
+        torch.manual_seed(0)
+        model = copy.deepcopy(network)
+        engine = Engine(lambda e, b: [p.data.add_(torch.randn_like(p)) for p in model.parameters()])
+        handler = handler_type(model, momentum=0.01, momentum_warmup=0.1, warmup_iters=4)
+        handler.attach(engine)
+        engine.run(range(6), max_epochs=1)
+        averaged[handler_type] = handler.ema_model.state_dict()
+        assert list(handler.ema_model.buffers()) and all(
+            e.data_ptr() == m.data_ptr() for e, m in zip(handler.ema_model.buffers(), model.buffers())
+        )
+    ours, ignites = averaged[MultiTensorEMAHandler], averaged[EMAHandler]
+    assert ours.keys() == ignites.keys() and all(torch.equal(ours[k], ignites[k]) for k in ours)
