@@ -8,14 +8,7 @@
 #   GPUS="2 3" SECONDS_EACH=100 OUT=results bash docs/study/cudagraph_steps.sh
 # $OUT receives steps_summary.md, bench_*.json and steps_logs.tar.gz.
 set -uo pipefail
-mkdir -p "${OUT:?set OUT to the folder for the results}"
-site=$PWD/.data/site
-if [[ ! -d $site/monai ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore OMP_NUM_THREADS=8
-mkdir -p /tmp/gen
-[[ -d /tmp/gen/train ]] || tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
+source docs/study/gpu_host.sh
 read -r first second <<<"${GPUS:-0 1}"
 each=${SECONDS_EACH:-100} logs=/tmp/steps_logs
 mkdir -p "$logs"

@@ -12,14 +12,7 @@
 # Reads .data/generation.tar.xz and .data/init/ae_8x.pt. $OUT receives summary.md, accumulation.json,
 # isolated.json and logs.tar.gz.
 set -uo pipefail
-mkdir -p "${OUT:?set OUT to the folder for the results}"
-site=$PWD/.data/site
-if [[ ! -d $site/monai ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore OMP_NUM_THREADS=8
-mkdir -p /tmp/gen
-[[ -d /tmp/gen/train ]] || tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
+source docs/study/gpu_host.sh
 each=${SECONDS_EACH:-150} logs=/tmp/cg_logs runs=/tmp/cg_runs
 mkdir -p "$logs" "$runs"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1 | tee "$logs/device.txt"

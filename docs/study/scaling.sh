@@ -9,14 +9,7 @@
 #   OUT=results SECONDS_EACH=50 bash docs/study/scaling.sh
 # $OUT receives scaling.md (the epochs' steps per second and data wait), isolated.json and logs.tar.gz.
 set -uo pipefail
-mkdir -p "${OUT:?set OUT to the folder for the results}"
-site=$PWD/.data/site
-if [[ ! -d $site/monai ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
-fi
-export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore OMP_NUM_THREADS=8
-mkdir -p /tmp/gen
-[[ -d /tmp/gen/train ]] || tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
+source docs/study/gpu_host.sh
 each=${SECONDS_EACH:-70} logs=/tmp/scaling_logs
 mkdir -p "$logs"
 ae="'configs/train_autoencoder.yaml'"
