@@ -118,8 +118,8 @@ def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
 class CUDAGraphSteps:
     """Trainer handler for the compile modes with CUDA graphs: marks the start of every optimizer step
     (``torch.compiler.cudagraph_mark_step_begin``), so the graphs may overwrite the previous step's
-    outputs, which nothing reads any more. Without it the networks' second call within a step and the
-    next step's first call cannot tell apart, and a replay overwrote an output still in use. Within a
+    outputs, which nothing reads any more. Without it the graphs cannot tell a network's second call
+    within a step from the next step's first, and a replay overwrote an output still in use. Within a
     window of gradient accumulation the micro-batches are one step: the gradients they accumulate stay
     where the graphs' replays cannot overwrite them. Counted per epoch, as the trainers count their
     windows (the last one of an epoch may be short)."""
