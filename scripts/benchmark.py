@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -265,15 +266,14 @@ def run(args: argparse.Namespace) -> dict:
         row["time_vs_eager"] = _ratio(row["seconds"], eager["seconds"])
 
     for configs, overrides in args.training_configs:
-        for patch in args.training_patches:
-            for batch_size in args.training_batches:
-                def make() -> Callable[[], Any]:
-                    torch.manual_seed(0)
-                    return plan.trainer_step(plan.training_step_from_config(configs, overrides), patch, batch_size, device)
+        for patch, batch_size, mode in itertools.product(args.training_patches, args.training_batches, modes):
+            def make() -> Callable[[], Any]:
+                torch.manual_seed(0)
+                return plan.trainer_step(plan.training_step_from_config(configs, overrides), patch, batch_size, device, mode)
 
-                row = record(results["training"], f"{' + '.join(Path(c).stem for c in configs)} {json.dumps(overrides)}",
-                             make, configs=configs, overrides=overrides, patch=patch, batch_size=batch_size, compile=None)
-                planned(row, plan.training_step_from_config(configs, overrides), patch, batch_size)
+            row = record(results["training"], label(f"{' + '.join(Path(c).stem for c in configs)} {json.dumps(overrides)}", mode),
+                         make, configs=configs, overrides=overrides, patch=patch, batch_size=batch_size, compile=mode)
+            planned(row, plan.training_step_from_config(configs, overrides), patch, batch_size)
 
     for layout, factors in args.reconstruction:
         overrides = {"layout": layout, "downsample_factors": factors, "roi_size": list(args.roi_size), "sw_margin": args.sw_margin, **args.recon_network}

@@ -300,8 +300,15 @@ class AutoencoderKLTrainer(Trainer):
     micro-batch loss is divided by the number of micro-batches in its window (the last window of an
     epoch may be short), and the optimizers step at the window's end, so N accumulated batches of B
     give the gradient of one batch of N*B. A non-finite loss, or a non-finite gradient norm at a step
-    (``grad_norm``, ``disc_grad_norm`` in the output; without an fp16 scaler), stops the run before
-    any optimizer step, so the last checkpoint stays good.
+    (``grad_norm``, ``disc_grad_norm`` in the output; without an fp16 scaler), stops the run without
+    an optimizer step on it, so the last checkpoint stays good.
+
+    The step reads nothing back from the GPU. The output holds the losses as tensors on the device
+    (the epoch means accumulate there), and with fused optimizers (``fused=True``, the configs'
+    choice on a GPU) a non-finite value makes the optimizers skip their step on the device
+    (``found_inf``, as ``GradScaler`` does): the check that raises reads the values one iteration
+    later, once the next batch is prepared, so the host prepares it while the GPU runs the step.
+    Other optimizers are checked before their step, with a host synchronisation.
     """
 
     EPOCH_AVERAGES = ("loss", "recon_loss", "kl_loss")
@@ -352,7 +359,11 @@ class AutoencoderKLTrainer(Trainer):
         )
         # epoch means in state.metrics, attached before the handlers so StatsHandler and MLflow see them
         for name in self.EPOCH_AVERAGES:
-            Average(output_transform=lambda out, name=name: out[name]).attach(self, name)
+            Average(output_transform=lambda out, name=name: out[name], device=torch.device(device)).attach(self, name)
+        # the last step's deferred check, before any handler (a checkpoint) sees the epoch's end
+        self._unchecked: tuple[dict[str, torch.Tensor], int, int] | None = None
+        for event in (Events.EPOCH_COMPLETED, Events.TERMINATE):
+            self.add_event_handler(event, lambda engine: self._check_deferred())
         if train_handlers:
             self._register_handlers(train_handlers)
         self.network = network
@@ -398,12 +409,12 @@ class AutoencoderKLTrainer(Trainer):
         return self.discriminator is not None and self.adv_weight > 0 and epoch > self.adv_warmup_epochs
 
     @staticmethod
-    def _check_finite(values: dict[str, float], engine: AutoencoderKLTrainer) -> None:
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    def _check_finite(values: dict[str, torch.Tensor], epoch: int, iteration: int) -> None:
+        numbers = dict(zip(values, torch.stack(list(values.values())).tolist()))  # one host sync for all
+        bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
         if bad:
             raise FloatingPointError(
-                f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at epoch {engine.state.epoch}, "
-                f"iteration {engine.state.iteration}: "
+                f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at epoch {epoch}, iteration {iteration}: "
                 f"stopping before the optimizer step, so the last saved checkpoint stays good. Lower learning_rate, "
                 + (
                     "or train in float32 (mixed_precision null) or fp16 (its loss scaler skips such steps): the loss "
@@ -413,7 +424,26 @@ class AutoencoderKLTrainer(Trainer):
                 )
             )
 
-    def _iteration(self, engine: AutoencoderKLTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _check_deferred(self) -> None:
+        if self._unchecked is not None:
+            unchecked, self._unchecked = self._unchecked, None
+            self._check_finite(*unchecked)
+
+    def _defers_check(self) -> bool:
+        """Whether a non-finite step can be skipped on the device: fused optimizers take ``found_inf``."""
+        optimizers = [self.optimizer] + ([self.d_optimizer] if self.d_optimizer is not None else [])
+        return not self.scaler.is_enabled() and all(o.defaults.get("fused") for o in optimizers)
+
+    @staticmethod
+    def _step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+        optimizer.found_inf = found_inf  # read by the fused kernel, which then leaves weights and state alone
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+
+    def _iteration(self, engine: AutoencoderKLTrainer, batchdata: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_deferred()  # the previous iteration's values: its step has run while this batch was prepared
         images, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         images = images.as_tensor() if hasattr(images, "as_tensor") else images
         first, last, window = self._window(engine)
@@ -459,17 +489,29 @@ class AutoencoderKLTrainer(Trainer):
                     losses["disc_loss"] = d_loss
                 self.d_scaler.scale(self.adv_weight * d_loss / window).backward()
 
-        # one host sync per step: all loss values (and, at a step, the gradient norms) at once, checked
-        # before any optimizer step. With fp16 the scaler skips a step of non-finite gradients by itself;
-        # bf16 and float32 have no scaler, so a NaN gradient of a finite loss is refused here.
+        # All loss values (and, at a step, the gradient norms) are checked, and a non-finite one stops
+        # the run with no optimizer step on it: on the device (fused optimizers, no host sync; raised at
+        # the next iteration) or before the step (one host sync). With fp16 the scaler skips a step of
+        # non-finite gradients by itself; bf16 and float32 have no scaler, so a NaN gradient of a finite
+        # loss is refused here.
         losses["loss"] = g_loss
         if last and not self.scaler.is_enabled():
             losses["grad_norm"] = _grad_norm(self.network)
             if adversarial:
                 losses["disc_grad_norm"] = _grad_norm(self.discriminator)
-        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-        self._check_finite(values, engine)
-        if last:
+        stacked = torch.stack([v.detach().float() for v in losses.values()])
+        values = dict(zip(losses, stacked.unbind()))
+        deferred = self._defers_check()
+        if deferred:
+            self._unchecked = (values, engine.state.epoch, engine.state.iteration)
+        else:
+            self._check_finite(values, engine.state.epoch, engine.state.iteration)
+        if last and deferred:
+            found_inf = (~torch.isfinite(stacked).all()).float()
+            self._step_unless(self.optimizer, found_inf)
+            if adversarial:
+                self._step_unless(self.d_optimizer, found_inf)
+        elif last:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if adversarial:

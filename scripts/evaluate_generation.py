@@ -13,8 +13,10 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
   volume; ``--feature_ckpt``, the same network for every model compared: by default
   ``models/model_features.pt``, a trained 4x autoencoder kept fixed so that distances compare across
   versions of the shipped models), against the held-out
-  volumes of the class; beside it two references: the training volumes against the same held-out
-  ones (real against real), and decoded noise against them.
+  volumes of the class; beside it three references: the training volumes against the same held-out
+  ones (real against real); the training volumes encoded and decoded by the autoencoder against
+  them, the distance that the autoencoder alone costs, below which no diffusion model on its latents
+  can be expected to go; and decoded noise against them.
 - Diversity: the mean MS-SSIM between two samples; beside it the same between two training volumes.
 - Copies: for each sample, the SSIM to its nearest training volume; beside it the largest SSIM
   between a training volume and its nearest other one. A sample closer than that is a copy.
@@ -144,6 +146,13 @@ def nearest(samples: Sequence[torch.Tensor], references: Sequence[torch.Tensor],
     return [max(float(ssim(s[None], r[None]).mean()) for r in references) for s in samples]
 
 
+@torch.no_grad()
+def through_autoencoder(autoencoder: FactorAutoencoderKL, volume: torch.Tensor) -> torch.Tensor:
+    """A real volume encoded and decoded (its latent mean), in [0, 1] as samples are written: what the
+    autoencoder alone makes of it, the best a diffusion model on its latents can give back."""
+    return autoencoder.reconstruct(volume[None])[0].float().clamp(0, 1)
+
+
 def save_grid(volumes: Sequence[torch.Tensor], path: Path, title: str) -> None:
     """Mid-slices of each volume in the three planes (axial, coronal, sagittal), a row per volume."""
     import matplotlib
@@ -206,6 +215,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     train_groups, val_groups = by_class(train_items, key, classes), by_class(val_items, key, classes)
     volumes = {p: real(p) for p in {*train_groups[UNCONDITIONAL], *val_groups[UNCONDITIONAL]}}
     feats = {p: features(v) for p, v in volumes.items()}
+    recon_feats = {p: features(through_autoencoder(autoencoder, volumes[p])) for p in train_groups[UNCONDITIONAL]}
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     ms_ssim = ms_ssim_metric(ckpt["image_size"])
 
@@ -253,6 +263,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             val_feats = torch.cat([feats[p] for p in held_out])
             row["fd_samples"] = frechet_distance(sample_feats, val_feats)
             row["fd_real"] = frechet_distance(torch.cat([feats[p] for p in train_groups[name]]), val_feats)
+            row["fd_autoencoder"] = frechet_distance(torch.cat([recon_feats[p] for p in train_groups[name]]), val_feats)
             row["fd_noise"] = frechet_distance(noise_feats, val_feats)
         row["ms_ssim_samples"] = float(np.mean(pairwise(samples, ms_ssim))) if len(samples) > 1 else None
         row["ms_ssim_train"] = float(np.mean(pairwise(train_vols, ms_ssim))) if len(train_vols) > 1 else None
@@ -273,13 +284,13 @@ def markdown(results: dict) -> str:
     lines = [
         f"Samples of `{results['diffusion_ckpt']}`.",
         "",
-        "| class | samples | Fréchet distance: samples | real vs real | decoded noise | MS-SSIM between samples | between training volumes | "
+        "| class | samples | Fréchet distance: samples | real vs real | through the autoencoder | decoded noise | MS-SSIM between samples | between training volumes | "
         "nearest-training SSIM, max / median | largest between training volumes | copies |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results["classes"].items():
         lines.append(
-            f"| {name} | {r['samples']} | {f(r.get('fd_samples'), 1)} | {f(r.get('fd_real'), 1)} | {f(r.get('fd_noise'), 1)} | "
+            f"| {name} | {r['samples']} | {f(r.get('fd_samples'), 1)} | {f(r.get('fd_real'), 1)} | {f(r.get('fd_autoencoder'), 1)} | {f(r.get('fd_noise'), 1)} | "
             f"{f(r['ms_ssim_samples'], 3)} | {f(r['ms_ssim_train'], 3)} | {f(r['nearest_ssim_max'], 3)} / {f(r['nearest_ssim_median'], 3)} | "
             f"{f(r['train_nearest_ssim_max'], 3)} | {r['copies']} |"
         )

@@ -47,7 +47,8 @@ def test_compiled_rows_are_measured_against_the_same_network_eager():
 
 def test_training_steps_of_the_bundle_configs_are_measured_beside_the_planner():
     """--training_configs measures the step the training config declares, over patches and batches,
-    and records the memory planner's estimate beside it (as it does for every eager autoencoder row)."""
+    eager and in each --compile mode, and records the memory planner's estimate beside each eager
+    step (as it does for every eager autoencoder row)."""
     tiny = {"channels": [8, 16, 16], "norm_num_groups": 8}
     results = benchmark.main(
         ["--smoke", "--device", "cpu", "--layouts", "space_to_depth", "--factors", "[[2, 2]]", "--no_stock",
@@ -57,8 +58,11 @@ def test_training_steps_of_the_bundle_configs_are_measured_beside_the_planner():
     )
     eager, compiled = results["autoencoder"]
     assert eager["planned_bytes"] > 0 and "planned_bytes" not in compiled  # the planner models eager steps
-    rows = results["training"]
+    rows = [r for r in results["training"] if r["compile"] is None]
     assert [(r["patch"], r["batch_size"]) for r in rows] == [([16, 16, 16], 1), ([16, 16, 16], 2), ([32, 32, 16], 1), ([32, 32, 16], 2)]
     assert all(r["seconds"] > 0 and r["planned_seconds"] > 0 for r in rows)
+    compiled_steps = [r for r in results["training"] if r["compile"] == "eager"]
+    assert [(r["patch"], r["batch_size"]) for r in compiled_steps] == [(r["patch"], r["batch_size"]) for r in rows]
+    assert all(r["seconds"] > 0 and "planned_bytes" not in r and r["name"].endswith("compiled (eager)") for r in compiled_steps)
     assert rows[1]["planned_bytes"] - rows[0]["planned_bytes"] == pytest.approx(
         (rows[3]["planned_bytes"] - rows[2]["planned_bytes"]) / 4)  # in proportion to the voxels

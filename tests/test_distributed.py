@@ -98,7 +98,7 @@ def dataset6(tmp_path_factory) -> Path:
 def cli_run(tmp_path_factory, dataset6):
     tmp = tmp_path_factory.mktemp("ddp_cli")
     # val_fraction 0.1: one validation volume for two ranks, so both validate it (no shard is empty)
-    overrides = train_overrides(tmp, dataset6, use_mlflow=True, adv_warmup_epochs=0, val_fraction=0.1)
+    overrides = train_overrides(tmp, dataset6, use_mlflow=True, adv_warmup_epochs=0, val_fraction=0.1, mlflow_step_interval=1)
     overrides.pop("mixed_precision")  # None does not survive the CLI (dropped); bf16 is ignored on CPU anyway
     config_arg = "[" + ",".join(f"'{c}'" for c in AE_DDP_CONFIGS) + "]"
     args = ["-m", "monai.bundle", "run", "training", "--config_file", config_arg]

@@ -49,18 +49,24 @@ def samples(n: int = 2, seed: int = 1):
     return [{"image": torch.rand(1, *PATCH, generator=g)} for _ in range(n)]
 
 
-def make_trainer(ae, disc, items, batch_size, accumulation_steps, lr=0.5, **kwargs):
+def make_trainer(ae, disc, items, batch_size, accumulation_steps, lr=0.5, fused=False, **kwargs):
+    """With ``fused``, fused Adam (the configs' optimizer on a GPU, here on the CPU): a non-finite
+    step is skipped on the device and reported one iteration later. Else SGD, checked before its step."""
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=0)
     defaults = dict(kl_weight=1e-3, adv_weight=0.5, adv_warmup_epochs=0)
     defaults.update(kwargs)
+
+    def optimizer(module):
+        return torch.optim.Adam(module.parameters(), lr=lr, fused=True) if fused else torch.optim.SGD(module.parameters(), lr=lr)
+
     return AutoencoderKLTrainer(
         device="cpu",
         max_epochs=1,
         train_data_loader=loader,
         network=ae,
-        optimizer=torch.optim.SGD(ae.parameters(), lr=lr),
+        optimizer=optimizer(ae),
         discriminator=disc,
-        d_optimizer=torch.optim.SGD(disc.parameters(), lr=lr),
+        d_optimizer=optimizer(disc),
         accumulation_steps=accumulation_steps,
         **defaults,
     )
@@ -96,7 +102,7 @@ def test_gradient_accumulation_is_exact():
 
     (ae1, d1, out1), (ae2, d2, out2) = runs.values()
     # the accumulated run's mean loss is the big batch's loss
-    assert np.mean([o["loss"] for o in out2]) == pytest.approx(out1[0]["loss"], rel=1e-5)
+    assert np.mean([float(o["loss"]) for o in out2]) == pytest.approx(float(out1[0]["loss"]), rel=1e-5)
     start_ae, start_d = tiny_pair(seed=0)
     for reference, first, second in ((start_ae, ae1, ae2), (start_d, d1, d2)):
         moved = 0.0
@@ -145,13 +151,14 @@ def test_adversarial_loss_waits_for_warmup():
     assert trainer.adversarial_active(2) and not trainer.adversarial_active(1)
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_loss_stops_before_the_optimizer_step(fused):
     ae, disc = tiny_pair()
     items = samples(2)
     items[1]["image"][0, 3, 4, 5] = float("nan")
     before_ae = {k: v.clone() for k, v in ae.state_dict().items()}
     before_d = {k: v.clone() for k, v in disc.state_dict().items()}
-    trainer = make_trainer(ae, disc, items, batch_size=2, accumulation_steps=1)
+    trainer = make_trainer(ae, disc, items, batch_size=2, accumulation_steps=1, fused=fused)
     with pytest.raises(FloatingPointError) as info:
         trainer.run()
     message = str(info.value)
@@ -161,16 +168,19 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
     assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("network", ["autoencoder", "discriminator"])
-def test_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_step(network):
+def test_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_step(network, fused):
     """bf16 and float32 have no loss scaler: a NaN gradient (injected by a hook) behind a finite loss
-    must not reach the optimizer step, else the epoch's checkpoint_last.pt would hold NaN weights."""
+    must not reach the optimizer step, else the epoch's checkpoint_last.pt would hold NaN weights.
+    Fused optimizers skip that step on the device, and the run stops at the epoch's end, before any
+    checkpoint is written."""
     ae, disc = tiny_pair()
     target = ae if network == "autoencoder" else disc
     next(target.parameters()).register_hook(lambda grad: torch.full_like(grad, float("nan")))
     before_ae = {k: v.clone() for k, v in ae.state_dict().items()}
     before_d = {k: v.clone() for k, v in disc.state_dict().items()}
-    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2)
+    trainer = make_trainer(ae, disc, samples(2), batch_size=1, accumulation_steps=2, fused=fused)
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"]))
     with pytest.raises(FloatingPointError) as info:
@@ -180,7 +190,7 @@ def test_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_step(ne
     assert f"{name} = nan" in message and "before the optimizer step" in message
     assert "epoch 1, iteration 2" in message, "checked at the step, the window's last micro-batch"
     assert "the loss is finite but its gradients are not" in message
-    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert len(losses) == (2 if fused else 1) and math.isfinite(losses[0])
     assert all(torch.equal(before_ae[k], v) for k, v in ae.state_dict().items())
     assert all(torch.equal(before_d[k], v) for k, v in disc.state_dict().items())
 
@@ -374,7 +384,7 @@ def test_auxiliary_losses_are_in_the_trainer_output_and_the_loss():
     auxiliary = build_auxiliary_losses(3, ssim_weight=0.5, spectral_weight=0.25)
     trainer = make_trainer(ae, disc, samples(2), 1, 1, adv_weight=0.0, auxiliary_losses=auxiliary)
     outputs = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append({k: float(v) for k, v in e.state.output.items()}))
     trainer.run()
     for out in outputs:
         assert {"recon_loss", "kl_loss", "ssim_loss", "spectral_loss", "loss"} <= set(out)
