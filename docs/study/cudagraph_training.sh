@@ -72,10 +72,4 @@ for a, b in itertools.combinations(weights, 2):
 json.dump(rows, open(out, "w"), indent=1)
 PY
 
-for log in "$logs"/*.log; do
-  echo "## $(basename "$log" .log)"
-  grep -E "Epoch\[[0-9]+\] Metrics|Error|error|resum|torch.compile|skipping cudagraphs" "$log" | grep -v -i warn | tail -n 12
-done >"$OUT/summary.md"
-cat "$logs/exits.txt" "$logs/device.txt" >>"$OUT/summary.md"
-cat "$OUT/summary.md"
-tar czf "$OUT/logs.tar.gz" -C "$logs" .
+summarise "$logs"

@@ -1,4 +1,4 @@
-# Sourced by the throughput studies (scaling.sh, cudagraph_training.sh, cudagraph_steps.sh) from the
+# Sourced by the throughput studies (scaling.sh, cudagraph_training.sh, cudagraph_steps.sh, host_sync.sh) from the
 # bundle's root on a GPU host: the results folder $OUT, MONAI and its dependencies from .whl/ installed
 # once into .data/site (kept by a warm host), and the generation volumes unpacked into /tmp/gen.
 mkdir -p "${OUT:?set OUT to the folder for the results}"
@@ -9,3 +9,14 @@ fi
 export PYTHONPATH=$site:$PWD PYTHONWARNINGS=ignore OMP_NUM_THREADS=8
 mkdir -p /tmp/gen
 [[ -d /tmp/gen/train ]] || tar xJf .data/generation.tar.xz -C /tmp/gen || exit 1
+
+summarise() {  # logs_folder: each run's metric lines and errors, the exits and the card into $OUT/summary.md; the logs into $OUT/logs.tar.gz
+  local logs=$1 log
+  for log in "$logs"/*.log; do
+    echo "## $(basename "$log" .log)"
+    grep -E "Epoch\[[0-9]+\] Metrics|Error|error|resum|torch.compile|skipping cudagraphs|Traceback" "$log" | grep -v -i warn | tail -n 12
+  done >"$OUT/summary.md"
+  cat "$logs/exits.txt" "$logs/device.txt" >>"$OUT/summary.md"
+  cat "$OUT/summary.md"
+  tar czf "$OUT/logs.tar.gz" -C "$logs" .
+}

@@ -47,10 +47,4 @@ each=60 run diffusion_8x 1 "$PWD" False \
   --dataset_dir /tmp/gen/train --max_epochs 1000 --deterministic False --epoch_length 250 --batch_size 32 \
   --autoencoder_ckpt .data/init/ae_8x.pt --condition_key class --diffusion_channels "[96,96,96]" --diffusion_norm_num_groups 8 &
 wait
-for log in "$logs"/*.log; do
-  echo "## $(basename "$log" .log)"
-  grep -E "Epoch\[[0-9]+\] Metrics|Error|error|torch.compile|skipping cudagraphs|Traceback" "$log" | grep -v -i warn | tail -n 12
-done >"$OUT/summary.md"
-cat "$logs/exits.txt" "$logs/device.txt" >>"$OUT/summary.md"
-cat "$OUT/summary.md"
-tar czf "$OUT/logs.tar.gz" -C "$logs" .
+summarise "$logs"
