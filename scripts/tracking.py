@@ -9,7 +9,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,17 @@ def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> str:
             f"--tracking_uri (the default is a local sqlite file under eval/), or train without tracking: --use_mlflow False."
         ) from None
     return tracking_uri
+
+
+def every_n_steps(interval: int) -> Callable[[Engine, int], bool]:
+    """MLflow's per-step filter (``iteration_log``): log at every ``interval``-th step. Each logged step
+    reads the losses from the GPU and writes the store, so the training configs log every 50."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(
+            f"mlflow_step_interval must be a positive integer (the steps between MLflow's per-step loss points; "
+            f"1: every step), got {interval!r}."
+        )
+    return lambda engine, iteration: iteration % interval == 0
 
 
 def active_parser() -> ConfigParser | None:

@@ -191,3 +191,25 @@ def test_local_tracking_uris_are_not_probed():
 
     for uri in ("sqlite:///x/mlruns.db", "file:///x/mlruns", "mlruns"):
         assert check_tracking_uri(uri, timeout=0.01) == uri
+
+
+@pytest.mark.parametrize("interval", [0, -5, 2.5])
+def test_a_bad_mlflow_step_interval_is_refused_before_training(tmp_path, tiny_dataset, interval):
+    from conftest import make_workflow
+
+    workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, use_mlflow=True, mlflow_step_interval=interval))
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert "mlflow_step_interval must be a positive integer" in "\n".join(chain) and repr(interval) in "\n".join(chain)
+    assert not (tmp_path / "out" / "config.yaml").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_every_n_steps_logs_each_nth_iteration():
+    from scripts.tracking import every_n_steps
+
+    assert [i for i in range(1, 8) if every_n_steps(3)(None, i)] == [3, 6]
+    assert all(every_n_steps(1)(None, i) for i in range(1, 4))
