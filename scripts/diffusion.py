@@ -122,7 +122,8 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
     the rest, its highest frequencies hundreds of times narrower), one factor leaves the narrow
     channels below the noise of the last sampling steps (voxel noise in the samples), and unit
     variance weighs the model's errors alike in every channel although the cell mean's weigh most in
-    the image (blocks of the latent cell); 0.5 gave neither at 8x and 16x. Where the channels have
+    the image (blocks of the latent cell); 0.5 gave neither at 8x and 16x, and 0.75 a third lower
+    Fréchet distances than 0.5 at 16x (docs/generation.md). Where the channels have
     equal spreads (the 4x pool shortcut) every power gives the same factor. Computed once at the start
     of diffusion training and saved with the diffusion model; a run that continues a model.pt or a
     checkpoint reuses its value (a single float in models trained before)."""
