@@ -135,21 +135,63 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
             raise ValueError(f"checkpoint '{resume_from}' holds no scale_factor; is it a diffusion model.pt or checkpoint?")
         logger.info(f"latent scale factor {describe_scale(scale)}, from {resume_from}")
         return scale
+    std = latent_channel_std(latents)
+    scale = std.pow(-power) / (std.pow(2 - 2 * power).mean().sqrt())
+    values = latents[0]["z_mu"][0].numel() * len(latents)
+    if power == 0:
+        logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {values} values per channel")
+        return scale[0].item()
+    rule = "1/std" if power == 1 else f"g / std ** {power:g}"
+    logger.info(f"latent scale factor {rule} per channel: {describe_scale(scale.tolist())} over {values} values per channel")
+    return scale.tolist()
+
+
+def latent_channel_std(latents: Sequence[dict]) -> torch.Tensor:
+    """The standard deviation of each channel of the latents that training samples (``z_mu +
+    z_sigma * noise``) over all training volumes and positions, in float64; a channel that is
+    constant on the training data counts as ``MIN_RELATIVE_STD`` of the widest, not as 0."""
     if not latents:
         raise ValueError("no training latents; cannot compute the latent scale factor.")
     mu = torch.stack([item["z_mu"].double() for item in latents]).transpose(0, 1).flatten(1)
     sigma = torch.stack([item["z_sigma"].double() for item in latents]).transpose(0, 1).flatten(1)
-    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()  # of mu + sigma * noise, per channel
+    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()
     if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
-    std = std.clamp(min=MIN_RELATIVE_STD * std.max().item())
-    scale = std.pow(-power) / (std.pow(2 - 2 * power).mean().sqrt())
+    return std.clamp(min=MIN_RELATIVE_STD * std.max().item())
+
+
+class ChannelWeightedMSELoss(nn.Module):
+    """The mean squared error with one weight per channel of (N, C, *spatial) inputs; the weights are
+    normalised to mean 1, so that equal weights give ``torch.nn.MSELoss``'s value. Computed in float32
+    whatever the inputs' precision, as autocast runs ``mse_loss``."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        self.register_buffer("weights", weights / weights.mean())
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (input.ndim - 2)
+        return ((input.float() - target.float()).pow(2) * self.weights.reshape(shape)).mean()
+
+
+def diffusion_loss(
+    latents: Sequence[dict], scale_factor: float | Sequence[float], power: float, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The diffusion training loss. ``power`` 0: ``torch.nn.MSELoss``, every value of the scaled
+    latent alike. Above 0: each channel's squared error weighed by its standard deviation in the
+    model's units (the latent's times the scale factor) to the power ``-2 * power``, so that the
+    narrow channels (a cosine code's finest frequencies, which the 8x samples over-spread at
+    ``latent_scale_power`` 0.5 and 0.75, docs/generation.md) weigh more without the scale factor changing what
+    the sampler starts from; at 1 every channel's error counts relative to its own spread."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"loss_channel_weight_power must be between 0 (plain MSE) and 1 (each channel relative to its spread), got {power!r}.")
     if power == 0:
-        logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {mu.shape[1]} values per channel")
-        return scale[0].item()
-    rule = "1/std" if power == 1 else f"g / std ** {power:g}"
-    logger.info(f"latent scale factor {rule} per channel: {describe_scale(scale.tolist())} over {mu.shape[1]} values per channel")
-    return scale.tolist()
+        return torch.nn.MSELoss()
+    spread = latent_channel_std(latents).cpu() * torch.as_tensor(scale_factor, dtype=torch.float64)  # in the model's units
+    weights = spread.pow(-2 * power)
+    logger.info(f"loss weight per channel: {describe_scale((weights / weights.mean()).tolist())} (spread ** -{2 * power:g})")
+    return ChannelWeightedMSELoss(weights).to(device)
 
 
 def describe_scale(scale: float | Sequence[float]) -> str:

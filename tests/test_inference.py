@@ -754,6 +754,21 @@ def test_diffusion_checkpoint_latents_and_scale_factor(trained_diffusion, traine
     assert trainer.state.iteration == 8 and np.isfinite(trainer.state.metrics["train_loss"])
 
 
+def test_diffusion_training_with_a_loss_weight_per_channel(tmp_path, tiny_dataset, trained_autoencoder):
+    """loss_channel_weight_power trains through the same engine, on the weighted loss of the scaled latents."""
+    from scripts.diffusion import ChannelWeightedMSELoss
+
+    overrides = train_overrides(
+        tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
+        loss_channel_weight_power=0.5, **TINY_DIFFUSION,
+    )
+    workflow = run_workflow(DIFFUSION_CONFIGS, **overrides)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer.loss_function, ChannelWeightedMSELoss) and len(trainer.loss_function.weights) == 16
+    assert trainer.state.iteration == 8 and np.isfinite(trainer.state.metrics["train_loss"])
+    assert (tmp_path / "out" / "model.pt").exists()
+
+
 def test_diffusion_refuses_an_autoencoder_of_other_factors(tmp_path, tiny_dataset):
     ckpt = other_factors_checkpoint(tmp_path / "ae_4_2.pt")
     overrides = train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(ckpt), **TINY_DIFFUSION)
