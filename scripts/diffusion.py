@@ -113,6 +113,15 @@ def latent_storage(latents: Sequence[dict], device: torch.device | str, share: f
 MIN_RELATIVE_STD = 1e-3
 
 
+def check_power(key: str, value: float) -> float:
+    """``value`` as a float if it lies in [0, 1], as the powers of the latent scale factor and of the
+    loss weight per channel must; else an error naming ``key``. Training checks both before it
+    encodes any volume."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must be between 0 and 1, got {value!r}.")
+    return float(value)
+
+
 def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None, power: float = 0.5) -> float | list[float]:
     """The latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.) from the latents that
     training samples (mean ``z_mu``, spread ``z_sigma``): per channel, ``g / std ** power``, with ``g``
@@ -127,8 +136,7 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
     equal spreads (the 4x pool shortcut) every power gives the same factor. Computed once at the start
     of diffusion training and saved with the diffusion model; a run that continues a model.pt or a
     checkpoint reuses its value (a single float in models trained before)."""
-    if not 0.0 <= power <= 1.0:
-        raise ValueError(f"latent_scale_power must be between 0 (one factor) and 1 (unit variance per channel), got {power!r}.")
+    power = check_power("latent_scale_power", power)
     if resume_from is not None:
         scale = load_checkpoint(resume_from, "checkpoint").get("scale_factor")
         if scale is None:
@@ -184,9 +192,7 @@ def diffusion_loss(
     narrow channels (a cosine code's finest frequencies, which the 8x samples over-spread at
     ``latent_scale_power`` 0.5 and 0.75, docs/generation.md) weigh more without the scale factor changing what
     the sampler starts from; at 1 every channel's error counts relative to its own spread."""
-    if not 0.0 <= power <= 1.0:
-        raise ValueError(f"loss_channel_weight_power must be between 0 (plain MSE) and 1 (each channel relative to its spread), got {power!r}.")
-    if power == 0:
+    if check_power("loss_channel_weight_power", power) == 0:
         return torch.nn.MSELoss()
     spread = latent_channel_std(latents).cpu() * torch.as_tensor(scale_factor, dtype=torch.float64)  # in the model's units
     weights = spread.pow(-2 * power)

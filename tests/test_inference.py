@@ -769,6 +769,20 @@ def test_diffusion_training_with_a_loss_weight_per_channel(tmp_path, tiny_datase
     assert (tmp_path / "out" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("key, value", [("latent_scale_power", 1.5), ("loss_channel_weight_power", -0.5)])
+def test_diffusion_refuses_a_power_outside_0_to_1_before_encoding(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch, key, value):
+    import scripts.diffusion
+
+    monkeypatch.setattr(scripts.diffusion, "encode_volumes", lambda *a, **k: pytest.fail("encoded before the check"))
+    overrides = train_overrides(
+        tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(trained_autoencoder["ckpt"]), **{key: value}, **TINY_DIFFUSION
+    )
+    with pytest.raises(Exception) as info:
+        make_workflow(DIFFUSION_CONFIGS, **overrides).initialize()
+    assert f"{key} must be between 0 and 1, got {value}" in error_text(info.value)
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
 def test_diffusion_refuses_an_autoencoder_of_other_factors(tmp_path, tiny_dataset):
     ckpt = other_factors_checkpoint(tmp_path / "ae_4_2.pt")
     overrides = train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(ckpt), **TINY_DIFFUSION)
