@@ -133,6 +133,16 @@ def train_overrides(tmp: Path, dataset_dir, **overrides) -> dict:
     return values
 
 
+def error_text(error: BaseException) -> str:
+    """The messages of an error and of every error it was raised from or during, one per line:
+    MONAI's config parser wraps the error an expression raises."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
 def make_workflow(config_file, **overrides):
     """MONAI's ConfigWorkflow (what ``python -m monai.bundle run`` builds), in this process."""
     from monai.bundle import ConfigWorkflow

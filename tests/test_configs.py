@@ -8,6 +8,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from conftest import error_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,8 +102,8 @@ def test_sampling_refuses_an_autoencoder_other_than_model_pts(tmp_path):
         parse(
             "configs/inference.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(REPO / "models" / "model_autoencoder_8x.pt")
         ).get_parsed_content("load_autoencoder")
-    assert "(the autoencoder of diffusion_ckpt)" in _chained(info.value)
-    assert "was trained with" in _chained(info.value)
+    assert "(the autoencoder of diffusion_ckpt)" in error_text(info.value)
+    assert "was trained with" in error_text(info.value)
 
 
 def test_reconstruction_builds_the_network_the_checkpoint_records():
@@ -128,7 +130,7 @@ def test_reconstruction_of_a_state_dict_without_arguments_asks_for_them(tmp_path
     torch.save({"encoder.blocks.0.conv.weight": torch.zeros(1)}, bare)
     with pytest.raises(Exception) as info:
         parse("configs/inference_autoencoder.yaml", device=torch.device("cpu"), autoencoder_ckpt=str(bare)).get_parsed_content("network")
-    text = _chained(info.value)
+    text = error_text(info.value)
     assert f"autoencoder_ckpt '{bare}' records no autoencoder_args" in text and "--autoencoder_args" in text
 
 
@@ -238,14 +240,6 @@ def test_diffusion_training_loss_follows_loss_channel_weight_power():
     loss = weighted.get_parsed_content("train#trainer#loss_function")
     assert isinstance(loss, ChannelWeightedMSELoss) and loss.weights[1] > loss.weights[0]
     assert weighted.get_parsed_content("training_params#loss_channel_weight_power") == 0.5
-
-
-def _chained(error: BaseException) -> str:
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
 
 
 @pytest.mark.parametrize("files", [["configs/train_autoencoder.yaml"], ["configs/train_autoencoder.yaml", "configs/train_diffusion.yaml"]])

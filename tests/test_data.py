@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from conftest import affine_for, phantom, write_volume
+from conftest import affine_for, error_text, phantom, write_volume
 from scripts import data
 from scripts.data import (
     DEMO_SHAPES,
@@ -366,14 +366,8 @@ def test_preprocessing_names_a_volume_with_nans(tmp_path):
     chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
     with pytest.raises(Exception) as info:
         chain({"image": str(path)})
-    chain_text = "".join(str(e) for e in _chain(info.value))
+    chain_text = error_text(info.value)
     assert str(path) in chain_text and "NaN" in chain_text
-
-
-def _chain(error):
-    while error is not None:
-        yield error
-        error = error.__cause__
 
 
 def test_make_dataset_modes(tmp_path):
@@ -415,7 +409,7 @@ def test_constant_volume_is_refused_by_name(tmp_path, value):
     chain = Compose(data.preprocessing(1, None, "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4)))
     with pytest.raises(Exception) as info:
         chain({"image": str(path)})
-    assert f"volume '{path}' is constant (every voxel is {value:g}); expected an image with contrast" in _text(info.value)
+    assert f"volume '{path}' is constant (every voxel is {value:g}); expected an image with contrast" in error_text(info.value)
 
 
 def test_training_refuses_a_constant_validation_volume_when_its_dataset_is_built(tmp_path):
@@ -430,7 +424,7 @@ def test_training_refuses_a_constant_validation_volume_when_its_dataset_is_built
     workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, train_dir, val_dataset_dir=str(val_dir)))
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("validate#dataset")
-    assert f"volume '{blank}' is constant (every voxel is 0)" in _text(info.value)
+    assert f"volume '{blank}' is constant (every voxel is 0)" in error_text(info.value)
 
 
 def test_training_crops_leave_the_cached_volumes_as_they_were(tmp_path):
@@ -485,7 +479,7 @@ def test_gpu_cache_keeps_the_volumes_on_the_training_device_and_crops_them_there
     workflow = make_workflow(AE_CONFIG, **{**overrides, "num_workers": 2})
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("train#preprocessing")
-    assert "cache 'gpu' keeps the volumes in GPU memory" in _text(info.value) and "set num_workers 0 (got 2)" in _text(info.value)
+    assert "cache 'gpu' keeps the volumes in GPU memory" in error_text(info.value) and "set num_workers 0 (got 2)" in error_text(info.value)
 
 
 def test_cached_bytes_bound_the_preprocessed_volumes_from_their_headers(tmp_path):
@@ -499,10 +493,6 @@ def test_cached_bytes_bound_the_preprocessed_volumes_from_their_headers(tmp_path
     assert data.cached_bytes(items, "none") == sum(np.prod(nib.load(str(p)).shape) * 4 for p in paths)
     # a volume smaller than the patch is cached padded to it
     assert data.cached_bytes(items[1:], "none", patch=(40, 16, 16)) == 40 * 28 * 28 * 4
-
-
-def _text(error):
-    return "\n".join(str(e) for e in _chain(error))
 
 
 @pytest.mark.parametrize("case", range(5))
@@ -542,7 +532,7 @@ def test_volume_too_large_once_resampled_is_refused_from_its_header(tmp_path):
     assert time.perf_counter() - start < 1.0
     assert (
         f"volume '{path}' (16x16x16 voxels) would be 376x376x376 at spacing [1.0, 1.0, 1.0] mm: 53,157,376 voxels, "
-        f"more than max_voxels (50,000,000). Use a coarser spacing, or raise max_voxels" in _text(info.value)
+        f"more than max_voxels (50,000,000). Use a coarser spacing, or raise max_voxels" in error_text(info.value)
     )
     # within the limit, or without one, the same file goes through
     small = Compose(data.preprocessing(1, [8.0, 8.0, 8.0], "mri", (0.5, 99.5), (-1000, 1000), (4, 4, 4), max_voxels=200_000))

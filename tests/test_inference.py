@@ -31,6 +31,7 @@ from conftest import (
     REPO,
     TINY_DIFFUSION,
     affine_for,
+    error_text,
     make_workflow,
     phantom,
     run_bundle,
@@ -106,14 +107,6 @@ def other_factors_checkpoint(path):
     )
     save_atomic({"autoencoder": FactorAutoencoderKL(**args).state_dict(), "autoencoder_args": args}, path)
     return path
-
-
-def error_text(error):
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import AE_CONFIG, run_bundle, run_workflow, train_overrides
+from conftest import AE_CONFIG, error_text, run_bundle, run_workflow, train_overrides
 
 EXPERIMENT = "ldm3d_downsample_factors"
 EPOCH_LENGTH = 3
@@ -200,11 +200,8 @@ def test_a_bad_mlflow_step_interval_is_refused_before_training(tmp_path, tiny_da
     workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, tiny_dataset, use_mlflow=True, mlflow_step_interval=interval))
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    chain, error = [], info.value
-    while error is not None:
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
-    assert "mlflow_step_interval must be a positive integer" in "\n".join(chain) and repr(interval) in "\n".join(chain)
+    text = error_text(info.value)
+    assert "mlflow_step_interval must be a positive integer" in text and repr(interval) in text
     assert not (tmp_path / "out" / "config.yaml").exists() and not (tmp_path / "mlruns.db").exists()
 
 

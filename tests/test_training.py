@@ -21,6 +21,7 @@ from conftest import (
     AE_CONFIG,
     DIFFUSION_CONFIGS,
     TINY_DIFFUSION,
+    error_text,
     make_workflow,
     phantom,
     run_workflow,
@@ -257,7 +258,7 @@ def test_init_from_starts_from_the_given_weights(tmp_path, tiny_dataset, trained
     workflow = make_workflow(AE_CONFIG, **dict(overrides, downsample_factors=[4, 2]))
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    text = "\n".join(str(e) for e in _chain(info.value))
+    text = error_text(info.value)
     assert f"init_from '{trained_autoencoder['ckpt']}' was trained with downsample_factors=[2, 2]" in text
 
 
@@ -280,7 +281,7 @@ def test_freeze_encoder_trains_the_decoder_and_keeps_the_latents(tmp_path, tiny_
     workflow = make_workflow(AE_CONFIG, **dict(overrides, init_from=None))
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    assert "freeze_encoder: true keeps the encoder of a trained autoencoder, but init_from is null" in "\n".join(str(e) for e in _chain(info.value))
+    assert "freeze_encoder: true keeps the encoder of a trained autoencoder, but init_from is null" in error_text(info.value)
 
 
 def test_diffusion_resume_refuses_another_encoder(tmp_path, trained_autoencoder, trained_diffusion):
@@ -294,13 +295,7 @@ def test_diffusion_resume_refuses_another_encoder(tmp_path, trained_autoencoder,
     workflow = make_workflow(DIFFUSION_CONFIGS, **resume)
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    assert f"autoencoder_ckpt '{tmp_path / 'other.pt'}' has" in "\n".join(str(e) for e in _chain(info.value))
-
-
-def _chain(error):
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
+    assert f"autoencoder_ckpt '{tmp_path / 'other.pt'}' has" in error_text(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +356,7 @@ def test_resume_past_max_epochs_is_refused(tmp_path, tiny_dataset, trained_autoe
     workflow.initialize()
     with pytest.raises(Exception) as info:
         workflow.run()
-    assert "checkpoint_last.pt' is at epoch 2, past max_epochs=1" in _error_text(info.value)
+    assert "checkpoint_last.pt' is at epoch 2, past max_epochs=1" in error_text(info.value)
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
 
 
@@ -380,21 +375,13 @@ def test_resume_with_another_learning_rate_is_refused(tmp_path, tiny_dataset, tr
 # bad inputs: refused during initialize, before any training, with the key or file named
 
 
-def _error_text(error: BaseException) -> str:
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
-
-
 def _refused(tmp_path, **overrides) -> str:
     workflow = make_workflow(AE_CONFIG, **train_overrides(tmp_path, **overrides))
     with pytest.raises(Exception) as info:
         workflow.initialize()
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists()
     assert not (tmp_path / "out" / "previews").exists()
-    return _error_text(info.value)
+    return error_text(info.value)
 
 
 @pytest.fixture
