@@ -114,9 +114,8 @@ MIN_RELATIVE_STD = 1e-3
 
 
 def check_power(key: str, value: float) -> float:
-    """``value`` as a float if it lies in [0, 1], as the powers of the latent scale factor and of the
-    loss weight per channel must; else an error naming ``key``. Training checks both before it
-    encodes any volume."""
+    """``value`` as a float if it lies in [0, 1], as the power of the latent scale factor must; else
+    an error naming ``key``. Training checks it before it encodes any volume."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{key} must be between 0 and 1, got {value!r}.")
     return float(value)
@@ -166,38 +165,6 @@ def latent_channel_std(latents: Sequence[dict]) -> torch.Tensor:
     if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
     return std.clamp(min=MIN_RELATIVE_STD * std.max().item())
-
-
-class ChannelWeightedMSELoss(nn.Module):
-    """The mean squared error with one weight per channel of (N, C, *spatial) inputs; the weights are
-    normalised to mean 1, so that equal weights give ``torch.nn.MSELoss``'s value. Computed in float32
-    whatever the inputs' precision, as autocast runs ``mse_loss``."""
-
-    def __init__(self, weights: torch.Tensor) -> None:
-        super().__init__()
-        weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
-        self.register_buffer("weights", weights / weights.mean())
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (input.ndim - 2)
-        return ((input.float() - target.float()).pow(2) * self.weights.reshape(shape)).mean()
-
-
-def diffusion_loss(
-    latents: Sequence[dict], scale_factor: float | Sequence[float], power: float, device: torch.device | str = "cpu"
-) -> nn.Module:
-    """The diffusion training loss. ``power`` 0: ``torch.nn.MSELoss``, every value of the scaled
-    latent alike. Above 0: each channel's squared error weighed by its standard deviation in the
-    model's units (the latent's times the scale factor) to the power ``-2 * power``, so that the
-    narrow channels (a cosine code's finest frequencies, which the 8x samples over-spread at
-    ``latent_scale_power`` 0.5 and 0.75, docs/generation.md) weigh more without the scale factor changing what
-    the sampler starts from; at 1 every channel's error counts relative to its own spread."""
-    if check_power("loss_channel_weight_power", power) == 0:
-        return torch.nn.MSELoss()
-    spread = latent_channel_std(latents).cpu() * torch.as_tensor(scale_factor, dtype=torch.float64)  # in the model's units
-    weights = spread.pow(-2 * power)
-    logger.info(f"loss weight per channel: {describe_scale((weights / weights.mean()).tolist())} (spread ** -{2 * power:g})")
-    return ChannelWeightedMSELoss(weights).to(device)
 
 
 def describe_scale(scale: float | Sequence[float]) -> str:

@@ -227,21 +227,6 @@ def test_diffusion_training_saves_its_noise_schedule():
     assert scheduler.num_train_timesteps == 500 and scheduler.prediction_type == "v_prediction"
 
 
-def test_diffusion_training_loss_follows_loss_channel_weight_power():
-    """Plain MSE by default; with loss_channel_weight_power the trainer's loss weighs the channels
-    of the scaled training latents, on the training device."""
-    from scripts.diffusion import ChannelWeightedMSELoss
-
-    latents = [{"z_mu": torch.randn(2, 4, 4, 4) * torch.tensor([1.0, 0.1]).reshape(2, 1, 1, 1), "z_sigma": torch.zeros(2, 4, 4, 4)}] * 2
-    files = ("configs/train_autoencoder.yaml", "configs/train_diffusion.yaml")
-    plain = parse(*files, device=torch.device("cpu"), scale_factor=1.0, **{"train#latents": latents})
-    assert isinstance(plain.get_parsed_content("train#trainer#loss_function"), torch.nn.MSELoss)
-    weighted = parse(*files, device=torch.device("cpu"), scale_factor=1.0, loss_channel_weight_power=0.5, **{"train#latents": latents})
-    loss = weighted.get_parsed_content("train#trainer#loss_function")
-    assert isinstance(loss, ChannelWeightedMSELoss) and loss.weights[1] > loss.weights[0]
-    assert weighted.get_parsed_content("training_params#loss_channel_weight_power") == 0.5
-
-
 @pytest.mark.parametrize("files", [["configs/train_autoencoder.yaml"], ["configs/train_autoencoder.yaml", "configs/train_diffusion.yaml"]])
 def test_training_marks_its_steps_for_cuda_graphs_only(files):
     from scripts.engines import CUDAGraphSteps

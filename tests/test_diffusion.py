@@ -17,13 +17,11 @@ from conftest import TINY_AUTOENCODER
 from scripts.checkpoints import save_atomic
 from scripts.diffusion import (
     NO_CLASS,
-    ChannelWeightedMSELoss,
     ClassConditionedDiffusionModelUNet,
     LatentDiffusionPrepareBatch,
     check_full_batches,
     check_latent_fits_unet,
     describe_scale,
-    diffusion_loss,
     encode_volumes,
     latent_noise_shape,
     latent_scale,
@@ -162,28 +160,6 @@ def test_latent_scale_factor_at_power_1_is_one_over_the_std_of_each_channel_of_s
         latent_scale_factor([], str(tmp_path / "ae.pt"))
     with pytest.raises(ValueError, match="no training latents"):
         latent_scale_factor([])
-
-
-def test_diffusion_loss_weighs_each_channel_by_its_spread_in_the_models_units():
-    """Power 0 is MONAI's plain MSE; above 0 a channel narrow in the model's units (latent spread
-    times scale factor) weighs more, the weights averaging 1, so equal spreads give the plain MSE."""
-    torch.manual_seed(0)
-    widths = torch.tensor([4.0, 1.0, 0.25]).reshape(3, 1, 1, 1)
-    latents = [{"z_mu": torch.randn(3, 4, 4, 4) * widths, "z_sigma": torch.zeros(3, 4, 4, 4)} for _ in range(8)]
-    pred, target = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
-    assert isinstance(diffusion_loss(latents, 1.0, 0.0), torch.nn.MSELoss)
-    loss = diffusion_loss(latents, 1.0, 0.5)  # one scale factor: the spreads in the model's units are the latents'
-    assert isinstance(loss, ChannelWeightedMSELoss)
-    assert loss.weights.mean().item() == pytest.approx(1.0)
-    assert loss.weights[2] > loss.weights[1] > loss.weights[0]
-    assert (loss.weights[1] / loss.weights[0]).item() == pytest.approx(4.0, rel=0.1)  # spread ** -1 at power 0.5
-    manual = ((pred - target) ** 2 * loss.weights.reshape(1, 3, 1, 1, 1)).mean()
-    torch.testing.assert_close(loss(pred, target), manual)
-    # scale factors that bring every channel to unit spread leave nothing to weigh
-    even = diffusion_loss(latents, latent_scale_factor(latents, power=1.0), 1.0)
-    torch.testing.assert_close(even(pred, target), torch.nn.MSELoss()(pred, target), rtol=0.02, atol=0)
-    with pytest.raises(ValueError, match="loss_channel_weight_power must be between 0"):
-        diffusion_loss(latents, 1.0, -0.5)
 
 
 def test_latent_scale_multiplies_each_channel_and_refuses_another_width():

@@ -747,22 +747,7 @@ def test_diffusion_checkpoint_latents_and_scale_factor(trained_diffusion, traine
     assert trainer.state.iteration == 8 and np.isfinite(trainer.state.metrics["train_loss"])
 
 
-def test_diffusion_training_with_a_loss_weight_per_channel(tmp_path, tiny_dataset, trained_autoencoder):
-    """loss_channel_weight_power trains through the same engine, on the weighted loss of the scaled latents."""
-    from scripts.diffusion import ChannelWeightedMSELoss
-
-    overrides = train_overrides(
-        tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(trained_autoencoder["ckpt"]),
-        loss_channel_weight_power=0.5, **TINY_DIFFUSION,
-    )
-    workflow = run_workflow(DIFFUSION_CONFIGS, **overrides)
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    assert isinstance(trainer.loss_function, ChannelWeightedMSELoss) and len(trainer.loss_function.weights) == 16
-    assert trainer.state.iteration == 8 and np.isfinite(trainer.state.metrics["train_loss"])
-    assert (tmp_path / "out" / "model.pt").exists()
-
-
-@pytest.mark.parametrize("key, value", [("latent_scale_power", 1.5), ("loss_channel_weight_power", -0.5)])
+@pytest.mark.parametrize("key, value", [("latent_scale_power", 1.5), ("latent_scale_power", -0.5)])
 def test_diffusion_refuses_a_power_outside_0_to_1_before_encoding(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch, key, value):
     import scripts.diffusion
 
