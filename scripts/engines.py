@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import math
 import random
@@ -74,6 +75,31 @@ def _compile_choices() -> tuple[set[str], list[str], list[str]]:
     modes = [m for m in all_modes if m not in graphed]
     backends = sorted((set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}) - graphed)
     return graphed, modes, backends
+
+
+def default_compile(device: torch.device | str) -> str | bool:
+    """The trainings' default ``compile``: ``"reduce-overhead"`` (CUDA graphs, 1.4x to 2.5x the steps
+    per second of eager, docs/performance.md) on a GPU that Inductor can compile for, else ``False``
+    (eager). Inductor's GPU kernels need Triton and a GPU of compute capability 7.0 or above; on an
+    older card the default says so once and trains eagerly, instead of failing at the first step."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    obstacle = _inductor_obstacle(device)
+    if obstacle is not None:
+        logger.info(f"compile: eager on {device} ({obstacle}); set compile to choose another mode or backend.")
+        return False
+    return "reduce-overhead"
+
+
+def _inductor_obstacle(device: torch.device) -> str | None:
+    """Why Inductor cannot compile GPU kernels for ``device``, or None where it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton, which Inductor compiles GPU kernels with, is not installed"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"compute capability {major}.{minor}; Triton needs 7.0 or above"
+    return None
 
 
 def uses_cuda_graphs(compile: bool | str | None) -> bool:

@@ -5,6 +5,7 @@ tests/test_losses.py; the diffusion model's pieces: tests/test_diffusion.py."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import math
 import random
@@ -29,6 +30,7 @@ from scripts.engines import (
     Throughput,
     autocast_dtype,
     compiled,
+    default_compile,
     uses_cuda_graphs,
 )
 from scripts.networks import FactorAutoencoderKL
@@ -346,6 +348,23 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_finishes_that_epoch_only():
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append((e.state.epoch, e.state.iteration)))
     engine.run(loader, max_epochs=3, epoch_length=4)
     assert steps == [(2, 6), (2, 7), (2, 8), (3, 9), (3, 10), (3, 11), (3, 12)]
+
+
+def test_default_compile_is_cuda_graphs_on_a_gpu_that_inductor_compiles_for(monkeypatch, caplog):
+    import importlib.util
+
+    assert default_compile("cpu") is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert default_compile(torch.device("cuda")) == "reduce-overhead"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # a Pascal card
+    with caplog.at_level(logging.INFO, logger=engines.logger.name):
+        assert default_compile("cuda:0") is False
+    assert "compile: eager on cuda:0 (compute capability 6.1; Triton needs 7.0 or above)" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with caplog.at_level(logging.INFO, logger=engines.logger.name):
+        assert default_compile("cuda") is False
+    assert "Triton, which Inductor compiles GPU kernels with, is not installed" in caplog.text
 
 
 def test_compiled_shares_the_networks_parameters():
