@@ -81,7 +81,8 @@ def default_compile(device: torch.device | str) -> str | bool:
     """The trainings' default ``compile``: ``"reduce-overhead"`` (CUDA graphs, 1.4x to 2.5x the steps
     per second of eager, docs/performance.md) on a GPU that Inductor can compile for, else ``False``
     (eager). Inductor's GPU kernels need Triton and a GPU of compute capability 7.0 or above; on an
-    older card the default says so once and trains eagerly, instead of failing at the first step."""
+    older card the default says so in one line and trains eagerly, where Inductor would fail at the
+    first step and fall back with a long warning."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
