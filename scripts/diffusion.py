@@ -142,29 +142,21 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
             raise ValueError(f"checkpoint '{resume_from}' holds no scale_factor; is it a diffusion model.pt or checkpoint?")
         logger.info(f"latent scale factor {describe_scale(scale)}, from {resume_from}")
         return scale
-    std = latent_channel_std(latents)
-    scale = std.pow(-power) / (std.pow(2 - 2 * power).mean().sqrt())
-    values = latents[0]["z_mu"][0].numel() * len(latents)
-    if power == 0:
-        logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {values} values per channel")
-        return scale[0].item()
-    rule = "1/std" if power == 1 else f"g / std ** {power:g}"
-    logger.info(f"latent scale factor {rule} per channel: {describe_scale(scale.tolist())} over {values} values per channel")
-    return scale.tolist()
-
-
-def latent_channel_std(latents: Sequence[dict]) -> torch.Tensor:
-    """The standard deviation of each channel of the latents that training samples (``z_mu +
-    z_sigma * noise``) over all training volumes and positions, in float64; a channel that is
-    constant on the training data counts as ``MIN_RELATIVE_STD`` of the widest, not as 0."""
     if not latents:
         raise ValueError("no training latents; cannot compute the latent scale factor.")
     mu = torch.stack([item["z_mu"].double() for item in latents]).transpose(0, 1).flatten(1)
     sigma = torch.stack([item["z_sigma"].double() for item in latents]).transpose(0, 1).flatten(1)
-    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()
+    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()  # of mu + sigma * noise, per channel
     if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
-    return std.clamp(min=MIN_RELATIVE_STD * std.max().item())
+    std = std.clamp(min=MIN_RELATIVE_STD * std.max().item())
+    scale = std.pow(-power) / (std.pow(2 - 2 * power).mean().sqrt())
+    if power == 0:
+        logger.info(f"latent scale factor, one for all channels: {scale[0].item():.6f} over {mu.shape[1]} values per channel")
+        return scale[0].item()
+    rule = "1/std" if power == 1 else f"g / std ** {power:g}"
+    logger.info(f"latent scale factor {rule} per channel: {describe_scale(scale.tolist())} over {mu.shape[1]} values per channel")
+    return scale.tolist()
 
 
 def describe_scale(scale: float | Sequence[float]) -> str:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint
-from scripts.evaluate_generation import EncoderFeatures, RealVolumes, by_class, frechet_distance
 from scripts.data import list_volumes
+from scripts.evaluate_generation import EncoderFeatures, RealVolumes, by_class, frechet_distance
 from scripts.networks import FactorAutoencoderKL
 
 
