@@ -124,6 +124,8 @@ def compiled(network: nn.Module, compile: bool | str | None) -> nn.Module:
     launches (8x and 16x, the diffusion UNet). A graph's outputs live in memory that its next replay
     overwrites, so the trainer marks where each optimizer step begins (:class:`CUDAGraphSteps`, which
     the training configs attach for these modes); on a CPU they compile as the default mode."""
+    if isinstance(compile, str) and compile.lower() in ("true", "false"):
+        compile = compile.lower() == "true"  # the command line's `--compile false` arrives as a string
     if compile is None or compile is False:
         return network
     graphed, modes, backends = _compile_choices()
@@ -266,7 +268,16 @@ class MultiTensorEMAHandler(EMAHandler):
 class TimeLimit(IgniteTimeLimit):
     """Ignite's ``TimeLimit`` as a MONAI handler: counted from the engine's start (data caching is not
     training time), checked after every iteration; the engine then ends as if complete, so the last
-    checkpoint is written. For long trainings in stages of a fixed length."""
+    checkpoint is written. For long trainings in stages of a fixed length.
+
+    Under data parallelism every process must stop after the same iteration: one that stops alone
+    leaves the others waiting in the next gradient all-reduce until the job is killed. So there the
+    processes agree every ``sync_every`` iterations on the longest time any of them has run (one
+    all-reduce of one number; checking at every step would add a host synchronisation per step)."""
+
+    def __init__(self, limit_sec: int = 28800, sync_every: int = 10):
+        super().__init__(limit_sec)
+        self.sync_every = sync_every
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -274,6 +285,18 @@ class TimeLimit(IgniteTimeLimit):
 
     def _start(self, engine: Engine) -> None:
         self.start_time = time.time()
+
+    def __call__(self, engine: Engine) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return super().__call__(engine)
+        if engine.state.iteration % self.sync_every:
+            return
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        elapsed = torch.tensor([time.time() - self.start_time], device="cuda" if on_gpu else "cpu")
+        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        if float(elapsed) > self.limit_sec:
+            self.logger.info(f"Reached the time limit: {self.limit_sec} sec. Stop training")
+            engine.terminate()
 
 
 def check_discriminator_fits(discriminator: torch.nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> None:

@@ -369,6 +369,7 @@ def test_default_compile_is_cuda_graphs_on_a_gpu_that_inductor_compiles_for(monk
 def test_compiled_shares_the_networks_parameters():
     network = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=[2, 2])
     assert compiled(network, False) is network and compiled(network, None) is network
+    assert compiled(network, "false") is network and compiled(network, "True")._orig_mod is network  # as `--compile false` arrives
     module = compiled(network, "eager")  # compiled at its first call: tests/test_training.py trains one
     assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and module._orig_mod is network
     assert [p.data_ptr() for p in module.parameters()] == [p.data_ptr() for p in network.parameters()]
@@ -474,6 +475,47 @@ def test_time_limit_counts_from_the_engine_start_and_ends_cleanly(tmp_path, monk
     assert engine.state.iteration == 3  # 1.2 s > 1 s after the third iteration
     ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 3
+
+
+def _time_limit_rank(rank: int, port: int, out: str) -> None:
+    """One process of a two-process gloo job whose clocks run at different speeds; each iteration
+    all-reduces a tensor, as the gradients of a data-parallel step are."""
+    import datetime
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    clock = [0.0]
+    time.time = lambda: clock[0]  # this process's own clock (a forked child: the parent's is untouched)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+
+    def iteration(engine, batch):
+        clock[0] += 0.3 if rank == 0 else 0.5
+        dist.all_reduce(torch.ones(1))
+
+    engine = Engine(iteration)
+    engines.TimeLimit(limit_sec=1, sync_every=2).attach(engine)
+    engine.run(range(100), max_epochs=1)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"iteration": engine.state.iteration}, f)
+    dist.destroy_process_group()
+
+
+def test_time_limit_stops_every_data_parallel_process_after_the_same_iteration(tmp_path):
+    """Alone, the fast clock would stop after iteration 4 and the slow one after 3, and the process
+    still running would wait in its all-reduce; agreeing every 2 iterations, both stop after 4."""
+    import json
+    import socket
+
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_processes(_time_limit_rank, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["iteration"] for r in (0, 1)] == [4, 4]
 
 
 def test_throughput_reports_steps_per_second_and_the_share_spent_waiting_for_data():

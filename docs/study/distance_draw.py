@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--feature_ckpt", default="models/model_features.pt")
     p.add_argument("--subset", type=int, default=8)
     args = p.parse_args()
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     classes, key = list(ckpt.get("classes") or []), ckpt.get("condition_key")
     real = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, device)
