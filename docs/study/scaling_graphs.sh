@@ -3,7 +3,9 @@
 # of one host, each run with the host to itself, so that the one-GPU rate is not slowed by runs beside
 # it (scaling.sh ran its one-GPU runs four side by side). The 4x autoencoder default on the generation
 # heads (patch 128x128x64, batch 2 per GPU, cache memory, no validation in the window) under CUDA graphs
-# (the default on a GPU) and eager; the diffusion UNet on the 4x latents (batch 8 per GPU) under CUDA graphs.
+# (the default on a GPU) and eager, and under CUDA graphs with the volumes cached on the GPU (cache gpu);
+# the diffusion UNet on the 4x latents (batch 8 per GPU) under CUDA graphs. All of it takes more than one
+# call of 10 minutes: name the runs of each call in RUNS.
 #   OUT=results bash docs/study/scaling_graphs.sh
 #   OUT=results RUNS="diffusion_graphs_1gpu diffusion_graphs_4gpu" bash docs/study/scaling_graphs.sh   (some runs only)
 # The compiled diffusion UNet on 4x latents took more than 60 s to compile and record on an H200: give it 150.
@@ -34,6 +36,8 @@ run ae_graphs_1gpu 1 "${AE_SECONDS:-90}" "${ae[@]}"
 run ae_graphs_4gpu 4 "${AE_SECONDS:-90}" "${ae[@]}"
 run diffusion_graphs_1gpu 1 "${DIFFUSION_SECONDS:-150}" "${diffusion[@]}"
 run diffusion_graphs_4gpu 4 "${DIFFUSION_SECONDS:-150}" "${diffusion[@]}"
+run ae_graphs_gpucache_1gpu 1 "${AE_SECONDS:-90}" "${ae[@]}" --cache gpu
+run ae_graphs_gpucache_4gpu 4 "${AE_SECONDS:-90}" "${ae[@]}" --cache gpu
 run ae_eager_1gpu 1 "${EAGER_SECONDS:-45}" "${ae[@]}" --compile false
 run ae_eager_4gpu 4 "${EAGER_SECONDS:-45}" "${ae[@]}" --compile false
 summarise "$logs"
