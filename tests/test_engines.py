@@ -504,8 +504,8 @@ def _time_limit_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_time_limit_stops_every_data_parallel_process_after_the_same_iteration(tmp_path):
-    """Alone, the fast clock would stop after iteration 4 and the slow one after 3, and the process
-    still running would wait in its all-reduce; agreeing every 2 iterations, both stop after 4."""
+    """Alone, the slow clock (rank 0) would stop after iteration 4 and the fast one after 3, and the
+    process still running would wait in its all-reduce; agreeing every 2 iterations, both stop after 4."""
     import json
     import socket
 
