@@ -50,6 +50,23 @@ def autocast_dtype(mixed_precision: str | None, device: torch.device | str) -> t
     return PRECISIONS[mixed_precision]
 
 
+def check_flags(**flags: bool | Sequence[bool]) -> None:
+    """Refuse a switch (or a list of them, as ``attention_levels``) that is not a boolean, before any
+    work starts. The bundle runner passes ``--fast_dev_run false`` and ``--attention_levels
+    '[false,true]'`` from the command line as the text 'false', and any text reads as true: the run
+    would do the opposite of what was asked, or build another network, without a word.
+    ``True``/``False`` arrive as booleans."""
+    for name, value in flags.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, bool) for v in values):
+            example = "'[False,True]'" if isinstance(value, (list, tuple)) else "False"
+            raise ValueError(
+                f"{name} must be true or false{' at each level' if isinstance(value, (list, tuple)) else ''}, got {value!r}. "
+                f"On the command line write True and False with capitals (e.g. --{name} {example}): "
+                "the lower-case words arrive as text, which reads as true."
+            )
+
+
 def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to ``amp_dtype`` on ``device``; a no-op for ``None`` (float32)."""
     return torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -366,6 +366,16 @@ def test_default_compile_is_cuda_graphs_on_a_gpu_that_inductor_compiles_for(monk
     assert "Triton, which Inductor compiles GPU kernels with, is not installed" in caplog.text
 
 
+def test_check_flags_takes_booleans_and_refuses_text():
+    engines.check_flags(fast_dev_run=False, attention_levels=[False, True], use_mlflow=True)
+    with pytest.raises(ValueError, match=r"use_mlflow must be true or false, got 'false'.*--use_mlflow False"):
+        engines.check_flags(use_mlflow="false")
+    with pytest.raises(ValueError, match=r"at each level, got \[False, 'true'\].*'\[False,True\]'"):
+        engines.check_flags(attention_levels=[False, "true"])
+    with pytest.raises(ValueError, match="got 1"):
+        engines.check_flags(latent_flips=1)
+
+
 def test_compiled_shares_the_networks_parameters():
     network = FactorAutoencoderKL(**TINY_AUTOENCODER, downsample_factors=[2, 2])
     assert compiled(network, False) is network and compiled(network, None) is network

@@ -445,6 +445,14 @@ def test_wrong_length_downsample_factors_are_refused_before_training(tmp_path, t
     assert not (tmp_path / "out" / "checkpoint_last.pt").exists(), "training must not have started"
 
 
+def test_a_switch_given_as_text_is_refused_before_training(tmp_path, tiny_dataset):
+    """`--fast_dev_run false` arrives from the command line as the text 'false', which reads as true."""
+    text = _refused(tmp_path, dataset_dir=tiny_dataset, fast_dev_run="false")
+    assert "fast_dev_run must be true or false, got 'false'" in text and "--fast_dev_run False" in text
+    text = _refused(tmp_path, dataset_dir=tiny_dataset, attention_levels=["false", "false", "true"])
+    assert "attention_levels must be true or false at each level, got ['false', 'false', 'true']" in text
+
+
 def test_resume_from_a_checkpoint_of_other_factors(tmp_path, tiny_dataset, trained_autoencoder):
     ckpt = trained_autoencoder["dir"] / "checkpoint_last.pt"
     text = _refused(tmp_path, dataset_dir=tiny_dataset, downsample_factors=[4, 2], resume_from=str(ckpt))
