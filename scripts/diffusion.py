@@ -121,9 +121,11 @@ def check_power(key: str, value: float) -> float:
     return float(value)
 
 
-def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None, power: float = 0.5) -> float | list[float]:
+def latent_scale_factor(
+    latents: Sequence[dict], resume_from: str | None = None, power: float = 0.5, sample_posterior: bool = True
+) -> float | list[float]:
     """The latent scale factor of ``LatentDiffusionInferer`` (Rombach et al.) from the latents that
-    training samples (mean ``z_mu``, spread ``z_sigma``): per channel, ``g / std ** power``, with ``g``
+    training learns (``z_mu``, plus ``z_sigma`` times noise with ``sample_posterior``): per channel, ``g / std ** power``, with ``g``
     such that the scaled latents have unit variance over all channels. ``power`` 0 gives one factor
     for all channels, 1 every channel unit variance, 0.5 (the default) a spread between. Where the
     channels differ (a cosine shortcut's first channel, the cell mean, is several times wider than
@@ -146,7 +148,7 @@ def latent_scale_factor(latents: Sequence[dict], resume_from: str | None = None,
         raise ValueError("no training latents; cannot compute the latent scale factor.")
     mu = torch.stack([item["z_mu"].double() for item in latents]).transpose(0, 1).flatten(1)
     sigma = torch.stack([item["z_sigma"].double() for item in latents]).transpose(0, 1).flatten(1)
-    std = (mu.var(1, unbiased=False) + sigma.pow(2).mean(1)).sqrt()  # of mu + sigma * noise, per channel
+    std = (mu.var(1, unbiased=False) + sample_posterior * sigma.pow(2).mean(1)).sqrt()  # of mu (+ sigma * noise), per channel
     if not std.max() > 0:
         raise ValueError("the autoencoder's latents have zero spread on the training data; is the checkpoint trained?")
     std = std.clamp(min=MIN_RELATIVE_STD * std.max().item())
@@ -213,7 +215,9 @@ def check_latent_fits_unet(latent_shape: Sequence[int], diffusion_channels: Sequ
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """MONAI's ``DiffusionPrepareBatch`` over encoded latents (:func:`encode_volumes`): the batch's
     latents sampled from their posterior (``z_mu + z_sigma * noise``, as ``encode_stage_2_inputs``
-    does) and multiplied by the latent scale factor (:func:`latent_scale`), then noised for
+    does), or with ``sample_posterior`` false their means ``z_mu`` (the posterior's noise, learnt
+    as part of the data, decodes to speckle where the volume is empty: docs/generation.md),
+    multiplied by the latent scale factor (:func:`latent_scale`), then noised for
     ``DiffusionInferer``, with the target of the scheduler's ``prediction_type``. For a
     class-conditioned model each item's class label (``condition_name``) is replaced by "no class"
     with probability ``condition_dropout``: the model learns the unconditioned prediction beside the
@@ -225,6 +229,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         scale_factor: float | torch.Tensor,
         condition_name: str | None = None,
         condition_dropout: float = 0.0,
+        sample_posterior: bool = True,
     ) -> None:
         super().__init__(scheduler.num_train_timesteps, condition_name)
         if not 0.0 <= condition_dropout < 1.0:
@@ -232,6 +237,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.scheduler = scheduler
         self.scale_factor = torch.as_tensor(scale_factor, dtype=torch.float32)  # 0-d, or (C, 1, 1, 1): see latent_scale
         self.condition_dropout = condition_dropout
+        self.sample_posterior = sample_posterior
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet learns to predict, as its scheduler's ``prediction_type`` says: the noise, or
@@ -243,9 +249,10 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return noise
 
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any) -> tuple:
-        z_mu = batchdata["z_mu"].to(device, non_blocking=non_blocking)
-        z_sigma = batchdata["z_sigma"].to(device, non_blocking=non_blocking)
-        latents = (z_mu + z_sigma * torch.randn_like(z_mu)) * self.scale_factor.to(z_mu.device)  # no copy where already there
+        latents = batchdata["z_mu"].to(device, non_blocking=non_blocking)
+        if self.sample_posterior:
+            latents = latents + batchdata["z_sigma"].to(device, non_blocking=non_blocking) * torch.randn_like(latents)
+        latents = latents * self.scale_factor.to(latents.device)  # no copy where already there
         images, target, args, infer_kwargs = super().__call__(dict(batchdata, image=latents), device, non_blocking, **kwargs)
         if "condition" in infer_kwargs and self.condition_dropout > 0:
             labels = infer_kwargs["condition"].long()

@@ -18,6 +18,10 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
   them, the distance that the autoencoder alone costs, below which no diffusion model on its latents
   can be expected to go; and decoded noise against them.
 - Diversity: the mean MS-SSIM between two samples; beside it the same between two training volumes.
+- Empty space: the mean intensity of the eight corner cubes of each volume (an eighth of its size per
+  axis), which in a head or body volume hold air: 0 in the training volumes, whatever a model
+  adds there is speckle that a reader sees at once and the distance does not weigh; beside it the
+  same for the training volumes and for them through the autoencoder.
 - Copies: for each sample, the SSIM to its nearest training volume; beside it the largest SSIM
   between a training volume and its nearest other one. A sample closer than that is a copy.
 - A PNG of mid-slices in the three planes, a row per sample, for each class.
@@ -104,6 +108,13 @@ class EncoderFeatures:
             block = h[:, ix[0] : ix[-1] + 1, iy[0] : iy[-1] + 1, iz[0] : iz[-1] + 1].flatten(1)
             rows.append(torch.cat([block.mean(1), block.std(1, unbiased=False)]))
         return torch.stack(rows).cpu()
+
+
+def empty_space(volume: torch.Tensor, share: int = 8) -> float:
+    """The mean intensity of the volume's eight corner cubes, each ``1/share`` of it per axis."""
+    sides = [max(1, size // share) for size in volume.shape[-3:]]
+    ends = [(slice(0, n), slice(size - n, size)) for n, size in zip(sides, volume.shape[-3:])]
+    return float(torch.stack([volume[..., x, y, z].mean() for x, y, z in itertools.product(*ends)]).mean())
 
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # the five scales of Wang et al.
@@ -215,7 +226,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     train_groups, val_groups = by_class(train_items, key, classes), by_class(val_items, key, classes)
     volumes = {p: real(p) for p in {*train_groups[UNCONDITIONAL], *val_groups[UNCONDITIONAL]}}
     feats = {p: features(v) for p, v in volumes.items()}
-    recon_feats = {p: features(through_autoencoder(autoencoder, volumes[p])) for p in train_groups[UNCONDITIONAL]}
+    recon_feats, recon_empty = {}, {}
+    for p in train_groups[UNCONDITIONAL]:
+        recon = through_autoencoder(autoencoder, volumes[p])
+        recon_feats[p], recon_empty[p] = features(recon), empty_space(recon)
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     ms_ssim = ms_ssim_metric(ckpt["image_size"])
 
@@ -265,6 +279,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             row["fd_real"] = frechet_distance(torch.cat([feats[p] for p in train_groups[name]]), val_feats)
             row["fd_autoencoder"] = frechet_distance(torch.cat([recon_feats[p] for p in train_groups[name]]), val_feats)
             row["fd_noise"] = frechet_distance(noise_feats, val_feats)
+        row["empty_samples"] = float(np.mean([empty_space(v) for v in samples]))
+        row["empty_train"] = float(np.mean([empty_space(v) for v in train_vols])) if train_vols else None
+        row["empty_autoencoder"] = float(np.mean([recon_empty[p] for p in train_groups[name]])) if train_vols else None
         row["ms_ssim_samples"] = float(np.mean(pairwise(samples, ms_ssim))) if len(samples) > 1 else None
         row["ms_ssim_train"] = float(np.mean(pairwise(train_vols, ms_ssim))) if len(train_vols) > 1 else None
         near = nearest(samples, [volumes[p] for p in train_groups[UNCONDITIONAL]], ssim)
@@ -285,13 +302,14 @@ def markdown(results: dict) -> str:
         f"Samples of `{results['diffusion_ckpt']}`.",
         "",
         "| class | samples | Fréchet distance: samples | real vs real | through the autoencoder | decoded noise | MS-SSIM between samples | between training volumes | "
-        "nearest-training SSIM, max / median | largest between training volumes | copies |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "empty space: samples / training / through the autoencoder | nearest-training SSIM, max / median | largest between training volumes | copies |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results["classes"].items():
         lines.append(
             f"| {name} | {r['samples']} | {f(r.get('fd_samples'), 1)} | {f(r.get('fd_real'), 1)} | {f(r.get('fd_autoencoder'), 1)} | {f(r.get('fd_noise'), 1)} | "
-            f"{f(r['ms_ssim_samples'], 3)} | {f(r['ms_ssim_train'], 3)} | {f(r['nearest_ssim_max'], 3)} / {f(r['nearest_ssim_median'], 3)} | "
+            f"{f(r['ms_ssim_samples'], 3)} | {f(r['ms_ssim_train'], 3)} | "
+            f"{f(r['empty_samples'], 4)} / {f(r['empty_train'], 4)} / {f(r['empty_autoencoder'], 4)} | {f(r['nearest_ssim_max'], 3)} / {f(r['nearest_ssim_median'], 3)} | "
             f"{f(r['train_nearest_ssim_max'], 3)} | {r['copies']} |"
         )
     return "\n".join(lines) + "\n"

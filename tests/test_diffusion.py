@@ -189,6 +189,21 @@ def test_prepare_batch_samples_scales_and_targets(prediction_type):
         LatentDiffusionPrepareBatch(scheduler, 1.0, "class_index", condition_dropout=1.0)
 
 
+def test_prepare_batch_learns_the_posterior_means_alone_without_sample_posterior():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    batch = {"z_mu": torch.ones(2, 4, 2, 2, 2), "z_sigma": torch.full((2, 4, 2, 2, 2), 0.5)}
+    torch.manual_seed(0)
+    sampled = LatentDiffusionPrepareBatch(scheduler, 2.0)(batch, "cpu")[0]
+    assert sampled.std() > 0.5  # (mu + 0.5 * noise) * 2
+    means = LatentDiffusionPrepareBatch(scheduler, 2.0, sample_posterior=False)(batch, "cpu")[0]
+    torch.testing.assert_close(means, torch.full((2, 4, 2, 2, 2), 2.0))
+    # the scale factor then measures the spread of the means alone
+    latents = [{"z_mu": torch.randn(2, 4, 4, 4), "z_sigma": torch.full((2, 4, 4, 4), 3.0)} for _ in range(20)]
+    mu_std = torch.stack([item["z_mu"] for item in latents]).double().std(unbiased=False).item()
+    assert latent_scale_factor(latents, power=0.0, sample_posterior=False) == pytest.approx(1.0 / mu_std, rel=0.05)
+    assert latent_scale_factor(latents, power=0.0) < 0.5 / mu_std  # the posterior's spread of 3 counted
+
+
 def test_prepare_batch_drops_class_labels_at_its_rate():
     prepare = LatentDiffusionPrepareBatch(DDPMScheduler(100), 1.0, "class_index", condition_dropout=0.25)
     batch = {"z_mu": torch.zeros(4000, 1, 1, 1, 1), "z_sigma": torch.zeros(4000, 1, 1, 1, 1), "class_index": torch.ones(4000, dtype=torch.long)}

@@ -57,6 +57,14 @@ def test_nearest_finds_a_copy():
     assert near[0] == pytest.approx(1.0, abs=1e-5) and near[1] < 0.5
 
 
+def test_empty_space_is_the_mean_of_the_eight_corner_cubes():
+    volume = torch.zeros(1, 16, 16, 8)
+    volume[:, 4:12, 4:12, 2:6] = 1.0  # a body in the middle: the corners are air
+    assert eg.empty_space(volume) == 0.0
+    volume[:, -2:, :2, -1:] = 0.8  # speckle filling one corner cube (2 x 2 x 1 at this size)
+    assert eg.empty_space(volume) == pytest.approx(0.1)
+
+
 def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoencoder):
     def argv(out, num_samples=2):
         return [
@@ -81,6 +89,7 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
         # are not quite the volumes, and noise is far
         assert row["fd_real"] == pytest.approx(0.0, abs=1e-6) and 0 < row["fd_autoencoder"] < row["fd_noise"]
         assert row["copies"] == 0 and -1 <= row["nearest_ssim_max"] <= 1  # SSIM, which can dip below 0
+        assert all(0 <= row[k] <= 1 for k in ("empty_samples", "empty_train", "empty_autoencoder"))
         assert (out / f"grid_{name}.png").stat().st_size > 0
         assert len(list((out / "samples" / name).glob(f"sample_{name}_seed0_*.nii.gz"))) == 2
     assert "| a | 2 |" in (out / "generation.md").read_text()

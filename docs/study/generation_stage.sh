@@ -7,7 +7,8 @@
 # KEEP names the runs whose weights come back (default: all), whole models up to 60 MB in all. CALL_SECONDS is the time the whole call
 # may take (default 540): the evaluation and the timing are cut short so that the weights and the logs
 # are packed within it. NUM_SAMPLES (default 8) and SEED (default 0) are the evaluation's; from 16 samples
-# per class on, distance_draw.py also scores each set of 8 (draw.json). SPEED=0 skips the timing.
+# per class on, distance_draw.py also scores each set of 8 (draw.json) and classifier_test.py the T1 samples
+# (classifier.md). SPEED=0 skips the timing.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
 # The volumes are .data/generation.tar.xz (a tar of train/ and val/ from prepare_generation.py).
 # The runs live in .data/gen_runs, which a warm host keeps between calls: a run whose folder holds a
@@ -52,6 +53,9 @@ stage() {  # name gpu autoencoder overlay overrides...
     >"/tmp/eval/$name.log" 2>&1
   (( ${NUM_SAMPLES:-8} >= 16 )) && timeout "$(left)" python3 docs/study/distance_draw.py "/tmp/eval/$name" \
     --diffusion_ckpt "$runs/$name/model.pt" --val_dir /tmp/gen/val >"/tmp/eval/$name/draw.md" 2>&1
+  (( ${NUM_SAMPLES:-8} >= 16 )) && timeout "$(left)" python3 docs/study/classifier_test.py "/tmp/eval/$name" \
+    --diffusion_ckpt "$runs/$name/model.pt" --autoencoder_ckpt "$ae" --train_dir /tmp/gen/train --val_dir /tmp/gen/val \
+    --condition T1 >"/tmp/eval/$name/classifier.md" 2>&1
   [[ "${SPEED:-1}" == 0 ]] && return
   timeout "$(left)" python3 docs/study/generation_speed.py "$runs/$name/model.pt" "$ae" "/tmp/eval/$name/speed.json" \
     >"/tmp/eval/${name}_speed.log" 2>&1
@@ -69,7 +73,7 @@ for name in "${names[@]}"; do
   echo "## $name"
   grep -E "Epoch\[[0-9]+\] Metrics|scale factor|Error|error|resum" "$runs/$name.log" | tail -n 6
   cat "/tmp/eval/$name/generation.md" 2>/dev/null || tail -n 5 "/tmp/eval/$name.log"
-  cat "/tmp/eval/$name/draw.md" 2>/dev/null
+  cat "/tmp/eval/$name/draw.md" "/tmp/eval/$name/classifier.md" 2>/dev/null
   cat "/tmp/eval/$name/speed.json" 2>/dev/null | tr -d '\n' | cut -c1-600; echo
 done | tee /tmp/eval/summary.md
 for name in "${names[@]}"; do
