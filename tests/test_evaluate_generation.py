@@ -1,17 +1,20 @@
 """Tests for scripts/evaluate_generation.py: the Fréchet distance (MONAI's definition, without
-SciPy), MS-SSIM at the scales a volume allows, copy detection, and the command on the session's
-tiny class-conditioned diffusion model (conftest.py)."""
+SciPy), MS-SSIM at the scales a volume allows, copy detection (also of a copy with speckle around
+it), and the command on the session's tiny class-conditioned diffusion model (conftest.py)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from monai.metrics import SSIMMetric
+from torch.nn import functional as F
 
 from scripts import evaluate_generation as eg
+from conftest import phantom
 
 
 def test_frechet_distance_is_monais_and_grows_with_the_gap():
@@ -57,6 +60,26 @@ def test_nearest_finds_a_copy():
     assert near[0] == pytest.approx(1.0, abs=1e-5) and near[1] < 0.5
 
 
+def test_a_copy_with_speckle_in_its_empty_space_is_still_a_copy():
+    """Speckle in the air around a sample pulls its whole-volume SSIM down; with the empty space set to
+    0 the copy is found, a real volume loses nothing, and another anatomy stays below the copy."""
+
+    def head(seed: int) -> torch.Tensor:  # a phantom with clean air around it, as the training volumes have
+        v = torch.from_numpy(phantom((32, 36, 28), seed=seed) / 1000.0).clamp(0, 1)
+        return F.pad(torch.where(v > 0.1, v, 0), (10, 10, 8, 8, 8, 8))[None]
+
+    train = [head(i) for i in range(3)]
+    speckle = torch.rand(train[1].shape, generator=torch.Generator().manual_seed(0)) * 0.04
+    copy = torch.where(train[1] > 0, train[1], speckle)
+    assert eg.empty_space(copy) == pytest.approx(0.02, abs=0.002) and eg.empty_space(train[1]) == 0.0
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
+    assert eg.nearest([copy], train, ssim)[0] < 0.6
+    bodies = [eg.body(v) for v in train]
+    assert all(torch.equal(b, v) for b, v in zip(bodies, train))
+    assert eg.nearest([eg.body(copy)], bodies, ssim)[0] > 0.97
+    assert eg.nearest([bodies[2]], bodies[:2], ssim)[0] < 0.95
+
+
 def test_empty_space_is_the_mean_of_the_eight_corner_cubes():
     volume = torch.zeros(1, 16, 16, 8)
     volume[:, 4:12, 4:12, 2:6] = 1.0  # a body in the middle: the corners are air
@@ -97,6 +120,14 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(SystemExit):
         eg.main(argv(out))
+    one = tmp_path / "one_volume"
+    one.mkdir()
+    shutil.copy(sorted(trained_diffusion["data"].glob("*.nii.gz"))[0], one)
+    lone = argv(tmp_path / "eval_one")
+    lone[lone.index("--train_dir") + 1] = str(one)
+    with pytest.raises(SystemExit):
+        eg.main(lone)  # nothing to measure how near two training volumes are
+    assert not (tmp_path / "eval_one").exists()
     assert sorted(p.name for p in out.iterdir()) == before
     with pytest.raises(SystemExit):
         eg.main(argv(tmp_path / "one", num_samples=1))

@@ -1,7 +1,7 @@
 """Whether samples come nearer the training volumes or only have cleaner empty space
 (docs/generation.md, the posterior's noise): each sample's SSIM to its nearest training volume, as
-`scripts.evaluate_generation` computes it and with the empty space of both volumes set to 0
-(voxels whose 5x5x5 mean is below 0.04), beside the same for the training volumes of the class
+`scripts.evaluate_generation` computed it before version 0.14.0 and with the empty space of both
+volumes set to 0 (`body`, as it computes it now), beside the same for the training volumes of the class
 against their nearest other training volume.
 
     PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN --condition T1 EVAL [EVAL ...]
@@ -18,19 +18,11 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import SSIMMetric
-from torch.nn import functional as F
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class, nearest
+from scripts.evaluate_generation import RealVolumes, body, by_class, nearest
 from scripts.networks import FactorAutoencoderKL
-
-THRESHOLD = 0.04  # of the 5x5x5 mean: the training volumes' empty space is 0, the samples' speckle about 0.01
-
-
-def body(volume: torch.Tensor) -> torch.Tensor:
-    return volume * (F.avg_pool3d(volume[None], 5, stride=1, padding=2)[0] > THRESHOLD)
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
