@@ -6,15 +6,18 @@ average, logging.
 
     PYTHONPATH=. python docs/study/profile_training.py OUT_DIR "['configs/train_autoencoder.yaml']" '{"cache": "gpu"}' [WARMUP] [STEPS]
 
-from the bundle's root (the configs import scripts).
+from the bundle's root (the configs import scripts). Under torchrun, with the multi-GPU overlay among
+the configs, each process profiles itself into OUT_DIR/rank<N>.
 
-OUT_DIR receives profile.txt (the operator table) and profile.json (the summary).
+OUT_DIR receives profile.txt (the operators by host time, then the GPU kernels by their time) and
+profile.json (the summary, with the collective kernels' time per step: NCCL's all-reduce of DDP).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def main(out_dir: str, config_files: str, overrides: str = "{}", warmup: int = 50, steps: int = 50) -> dict:
-    out = Path(out_dir)
+    out = Path(out_dir) / (f"rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
     out.mkdir(parents=True, exist_ok=True)
     warmup, steps = int(warmup), int(steps)
     settings = dict(json.loads(overrides), max_epochs=1, epoch_length=warmup + steps, use_mlflow=False)
@@ -58,7 +61,9 @@ def main(out_dir: str, config_files: str, overrides: str = "{}", warmup: int = 5
     workflow.run()
     workflow.finalize()
     averages = profiler.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)  # kernels only
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in kernels)
+    nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config_files": config_files,
@@ -67,8 +72,12 @@ def main(out_dir: str, config_files: str, overrides: str = "{}", warmup: int = 5
         "seconds_per_step": clock["wall"] / steps,
         "kernel_seconds_per_step": kernel_us / 1e6 / steps,
         "kernel_share_of_wall": kernel_us / 1e6 / clock["wall"] if device.type == "cuda" else None,
+        "nccl_seconds_per_step": nccl_us / 1e6 / steps,
     }
-    (out / "profile.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by="self_device_time_total", row_limit=25))
+    (out / "profile.txt").write_text("\n\n".join(tables))
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary

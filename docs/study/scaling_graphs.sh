@@ -22,14 +22,8 @@ diffusion=("'configs/train_autoencoder.yaml','configs/train_diffusion.yaml'" --e
 run() {  # name gpus seconds configs args...: one process per GPU, the multi-GPU overlay for more than one
   local name=$1 gpus=$2 seconds=$3 configs=$4; shift 4
   [[ -z "${RUNS:-}" || " $RUNS " == *" $name "* ]] || return 0
-  local launch=(python3)
-  if (( gpus > 1 )); then
-    launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$gpus")
-    [[ $configs == *train_diffusion* ]] && configs+=",'configs/multi_gpu_train_diffusion.yaml'" \
-                                        || configs+=",'configs/multi_gpu_train_autoencoder.yaml'"
-  fi
-  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( gpus - 1 ))) timeout $(( seconds + 60 )) "${launch[@]}" -m monai.bundle run training \
-    --config_file "[$configs]" --output_dir "$runs/$name" --time_limit "$seconds" "${common[@]}" "$@" >"$logs/$name.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( gpus - 1 ))) timeout $(( seconds + 60 )) $(launcher "$gpus") -m monai.bundle run training \
+    --config_file "[$(with_overlay "$gpus" "$configs")]" --output_dir "$runs/$name" --time_limit "$seconds" "${common[@]}" "$@" >"$logs/$name.log" 2>&1
   echo "$name: exit $?" >>"$logs/exits.txt"
 }
 run ae_graphs_1gpu 1 "${AE_SECONDS:-90}" "${ae[@]}"
