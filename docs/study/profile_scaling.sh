@@ -3,7 +3,8 @@
 # (docs/performance.md, section 5: the 4x autoencoder eager made 41.1 steps per second alone and 29.8
 # per process on four; the diffusion UNet under CUDA graphs 58.6 and 48.7). Each run, with the host to
 # itself, profiles 100 steps after a warm-up (profile_training.py; every process of a data-parallel run
-# profiles itself), the settings of scaling_graphs.sh.
+# profiles itself), the settings of scaling_graphs.sh; ae_eager_4gpu_no_broadcast without DistributedDataParallel's
+# broadcast of the module's buffers at every forward (the autoencoder's one buffer is its constant cosine basis).
 #   OUT=results RUNS="ae_eager_1gpu ae_eager_4gpu" bash docs/study/profile_scaling.sh
 # Reads .data/generation.tar.xz and .data/init/ae_4x.pt. $OUT receives summary.md (each process's
 # profile.json) and profiles.tar.gz (the operator tables).
@@ -24,6 +25,7 @@ profile() {  # name gpus warmup configs overrides_json
 }
 profile ae_eager_1gpu 1 100 "$ae" '"patch_size": [128, 128, 64], "batch_size": 2, "compile": false'
 profile ae_eager_4gpu 4 100 "$ae" '"patch_size": [128, 128, 64], "batch_size": 2, "compile": false'
+profile ae_eager_4gpu_no_broadcast 4 100 "$ae" '"patch_size": [128, 128, 64], "batch_size": 2, "compile": false, "ddp_args": "$dict(device_ids=[@device.index], broadcast_buffers=False)"'
 profile diffusion_graphs_1gpu 1 300 "$diffusion" '"batch_size": 8, "autoencoder_ckpt": ".data/init/ae_4x.pt", "condition_key": "class"'
 profile diffusion_graphs_4gpu 4 300 "$diffusion" '"batch_size": 8, "autoencoder_ckpt": ".data/init/ae_4x.pt", "condition_key": "class"'
 for f in $(find "$prof" -name profile.json | sort); do echo "## ${f#$prof/}"; tr -d '\n' <"$f"; echo; done >"$OUT/summary.md"

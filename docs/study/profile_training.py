@@ -61,7 +61,9 @@ def main(out_dir: str, config_files: str, overrides: str = "{}", warmup: int = 5
     workflow.run()
     workflow.finalize()
     averages = profiler.key_averages()
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    # the GPU's own work: kernels and copies, not the ranges that annotate them (DistributedDataParallel.forward,
+    # nccl:all_reduce), which the profiler also lists with GPU time and would count twice
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     kernel_us = sum(e.self_device_time_total for e in kernels)
     nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
     summary = {
