@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 REGIONS = 4  # feature regions per axis
-BODY_THRESHOLD = 0.04  # of a voxel's 5x5x5 mean: 0 in the air of a training volume, about 0.01 in a sample's speckle
+BODY_THRESHOLD = 0.04  # of a voxel's 5x5x5 mean: 0 in the air of a training volume, 0.01 to 0.03 in a sample's speckle
 UNCONDITIONAL = "all"
 
 
