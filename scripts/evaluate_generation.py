@@ -208,8 +208,12 @@ def sample(config: dict, output_dir: Path, condition: str | None) -> list[torch.
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    paths = [row["output"] for row in workflow.parser.get_parsed_content("evaluator").results.rows]
-    return [torch.from_numpy(np.asarray(nib.load(p).dataobj, dtype=np.float32))[None] for p in paths]
+    return [read_sample(row["output"]) for row in workflow.parser.get_parsed_content("evaluator").results.rows]
+
+
+def read_sample(path: str | Path) -> torch.Tensor:
+    """A volume that sampling wrote, as the measures take it: (1, X, Y, Z), float32, in [0, 1]."""
+    return torch.from_numpy(np.asarray(nib.load(path).dataobj, dtype=np.float32))[None]
 
 
 def by_class(items: Sequence[dict], key: str | None, classes: Sequence[str]) -> dict[str, list[str]]:

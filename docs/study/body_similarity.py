@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import SSIMMetric
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, body, by_class, nearest
+from scripts.evaluate_generation import RealVolumes, body, by_class, nearest, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} |")
     for d in args.eval_dirs:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))
-        samples = [torch.from_numpy(np.asarray(nib.load(f).dataobj, dtype=np.float32))[None] for f in files]
+        samples = [read_sample(f) for f in files]
         raw = nearest(samples, list(train.values()), ssim)
         cleaned = nearest([body(s) for s in samples], list(bodies.values()), ssim)
         print(f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} |", flush=True)

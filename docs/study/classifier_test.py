@@ -17,7 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 
 from scripts.checkpoints import load_checkpoint, load_network
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class, through_autoencoder
+from scripts.evaluate_generation import RealVolumes, by_class, read_sample, through_autoencoder
 from scripts.networks import FactorAutoencoderKL
 
 SAMPLES = 32
@@ -108,7 +107,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for d in args.eval_dirs:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))[:SAMPLES]
-        fake = torch.stack([F.avg_pool3d(torch.from_numpy(np.asarray(nib.load(f).dataobj, dtype=np.float32))[None], 2) for f in files]).to(device)
+        fake = torch.stack([F.avg_pool3d(read_sample(f), 2) for f in files]).to(device)
         start = time.perf_counter()
         rs, fs = out_of_fold_scores(real, fake, args.folds, args.steps, args.seed)
         print(f"| {d} ({len(fake)}) | {auc(rs, fs):.3f} | {rs.mean():.2f} / {fs.mean():.2f} | {time.perf_counter() - start:.0f} |", flush=True)

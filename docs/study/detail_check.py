@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class
+from scripts.evaluate_generation import RealVolumes, by_class, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 BANDS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # edges in cycles per voxel: five octaves up to Nyquist
@@ -57,7 +56,7 @@ def main() -> None:
             paths = sorted((eval_dir / "samples" / name).rglob("*.nii.gz"))
             if not paths:
                 continue
-            bands = np.stack([band_power(torch.from_numpy(np.asarray(nib.load(s).dataobj, dtype=np.float32))) for s in paths])
+            bands = np.stack([band_power(read_sample(s)[0]) for s in paths])
             diff = 10 * (bands.mean(0) - ref.mean(0))
             print(f"| {eval_dir} | {name} | {len(paths)} | {', '.join(f'{d:+.1f}' for d in diff)} |")
 

@@ -17,13 +17,11 @@ import json
 import statistics
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import EncoderFeatures, RealVolumes, by_class, frechet_distance
+from scripts.evaluate_generation import EncoderFeatures, RealVolumes, by_class, frechet_distance, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 
@@ -47,7 +45,7 @@ def main() -> None:
         if not held_out[name] or len(paths) < 2 * args.subset:
             continue
         val = torch.cat([features(real(v)) for v in held_out[name]])
-        feats = [features(torch.from_numpy(np.asarray(nib.load(s).dataobj, dtype=np.float32))[None]) for s in paths]
+        feats = [features(read_sample(s)) for s in paths]
         subsets = [feats[i : i + args.subset] for i in range(0, len(feats) - args.subset + 1, args.subset)]
         draws = [frechet_distance(torch.cat(s), val) for s in subsets]
         results[name] = {

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint, load_network
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class, empty_space
+from scripts.evaluate_generation import RealVolumes, by_class, empty_space, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 
@@ -49,7 +48,7 @@ def main() -> None:
             rows["decoded z_mu + z_sigma * noise"].append(empty_space(autoencoder.decode(z_mu + z_sigma * torch.randn_like(z_sigma))[0].clamp(0, 1)))
     for d in args.eval_dirs:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))
-        rows[f"samples in {d}"] = [empty_space(torch.from_numpy(np.asarray(nib.load(f).dataobj, dtype=np.float32))[None]) for f in files]
+        rows[f"samples in {d}"] = [empty_space(read_sample(f)) for f in files]
     print(f"| {args.condition} | volumes | empty space, mean | min | max |")
     print("| --- | --- | --- | --- | --- |")
     for name, values in rows.items():

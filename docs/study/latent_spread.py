@@ -17,13 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint, load_network
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class
+from scripts.evaluate_generation import RealVolumes, by_class, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 
@@ -47,7 +45,7 @@ def main(model: str, autoencoder: str, train_dir: str, samples_dir: str, conditi
     with torch.no_grad():
         z_real = torch.cat([ae._code(real(p)[None]) for p in paths])
         samples = sorted(Path(samples_dir).glob("*.nii.gz"))
-        z_samples = torch.cat([ae._code(torch.from_numpy(np.asarray(nib.load(p).dataobj, np.float32))[None, None]) for p in samples])
+        z_samples = torch.cat([ae._code(read_sample(p)[None]) for p in samples])
     ratio = z_samples.std(dim=(0, 2, 3, 4)) / z_real.std(dim=(0, 2, 3, 4))
     print(f"{len(samples)} samples against {len(paths)} training volumes ({condition}), spread of the samples over the training volumes'")
     for a, b in bands(ratio.numel()):

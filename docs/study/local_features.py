@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 
 from scripts.checkpoints import load_checkpoint, load_network
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, by_class, frechet_distance
+from scripts.evaluate_generation import RealVolumes, by_class, frechet_distance, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 POSITIONS = 4096
@@ -73,7 +71,7 @@ def main() -> None:
     print(f"| real against real | {frechet_distance(training['shallow'], held_out['shallow']):.2f} | {frechet_distance(training['deep'], held_out['deep']):.2f} |")
     for eval_dir in args.eval_dirs:
         paths = sorted((eval_dir / "samples" / args.condition).glob("*.nii.gz"))[:16]
-        samples = stacked([features(torch.from_numpy(np.asarray(nib.load(s).dataobj, dtype=np.float32))[None]) for s in paths])
+        samples = stacked([features(read_sample(s)) for s in paths])
         print(f"| {eval_dir} | {frechet_distance(samples['shallow'], held_out['shallow']):.2f} | {frechet_distance(samples['deep'], held_out['deep']):.2f} |")
 
 
