@@ -8,7 +8,8 @@
 # may take (default 540): the evaluation and the timing are cut short so that the weights and the logs
 # are packed within it. NUM_SAMPLES (default 8) and SEED (default 0) are the evaluation's; from 16 samples
 # per class on, distance_draw.py also scores each set of 8 (draw.json) and classifier_test.py the T1 samples
-# (classifier.md). SPEED=0 skips the timing.
+# (classifier.md). SPEED=0 skips the timing. SNAPSHOTS=1 keeps a copy of each model.pt a run writes (one per
+# epoch_length steps) in the run's snapshots/ folder, for evaluate_snapshots.sh.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
 # The volumes are .data/generation.tar.xz (a tar of train/ and val/ from prepare_generation.py).
 # The runs live in .data/gen_runs, which a warm host keeps between calls: a run whose folder holds a
@@ -43,10 +44,21 @@ stage() {  # name gpu autoencoder overlay overrides...
   local resume=()
   [[ -f "$runs/$name/checkpoint_last.pt" ]] && resume=(--resume_from "$runs/$name/checkpoint_last.pt")
   export CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=12
+  if [[ "${SNAPSHOTS:-0}" == 1 ]]; then  # keep every model.pt the run writes, as snapshots/model_<epochs done>.pt: a learning curve
+    ( mkdir -p "$runs/$name/snapshots"; seen=""
+      while sleep 2; do
+        now=$(stat -c %Y "$runs/$name/model.pt" 2>/dev/null) || continue
+        [[ "$now" == "$seen" ]] && continue
+        sleep 1; seen=$now
+        cp "$runs/$name/model.pt" "$runs/$name/snapshots/model_$(grep -c 'Epoch\[[0-9]*\] Complete' "$runs/$name.log").pt"
+      done ) &
+    local watcher=$!
+  fi
   timeout "$(left)" $launch -m monai.bundle run training --config_file "[$configs]" --dataset_dir /tmp/gen/train \
     --output_dir "$runs/$name" --autoencoder_ckpt "$ae" --condition_key class --use_mlflow False \
     --deterministic False --max_epochs 1000 --epoch_length 1000 --time_limit "${STAGE_SECONDS:-300}" "$@" "${resume[@]}" \
     >>"$runs/$name.log" 2>&1
+  [[ -n "${watcher:-}" ]] && { sleep 3; kill "$watcher"; }
   [[ "${EVAL:-1}" == 0 ]] && return
   timeout "$(left)" python3 -m scripts.evaluate_generation --diffusion_ckpt "$runs/$name/model.pt" --autoencoder_ckpt "$ae" \
     --train_dir /tmp/gen/train --val_dir /tmp/gen/val --output_dir "/tmp/eval/$name" --num_samples "${NUM_SAMPLES:-8}" --seed "${SEED:-0}" \
