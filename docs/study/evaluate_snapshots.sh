@@ -3,7 +3,7 @@
 # docs/generation.md's table measures the shipped models (scripts.evaluate_generation), PARALLEL at a
 # time on one GPU, after generation_stage.sh has installed the packages and unpacked the volumes.
 #   RUN=g23_4x_mean AE=.data/init/ae_4x.pt EPOCHS="2 4 8" NUM_SAMPLES=16 SEED=0 OUT=$OUT bash docs/study/evaluate_snapshots.sh
-# EPOCHS names the snapshots (model_<epochs>.pt in .data/gen_runs/RUN/snapshots); EXTRA="name=path ..."
+# EPOCHS names the snapshots (model_<epochs>.pt in .data/gen_runs/RUN/snapshots; "last": the one at the time limit); EXTRA="name=path ..."
 # adds other diffusion models (e.g. the shipped one) to the same measure. $OUT receives
 # snapshots_RUN.tar.gz: per model its generation.json, generation.md and log, without the samples.
 set -uo pipefail

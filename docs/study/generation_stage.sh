@@ -9,7 +9,8 @@
 # are packed within it. NUM_SAMPLES (default 8) and SEED (default 0) are the evaluation's; from 16 samples
 # per class on, distance_draw.py also scores each set of 8 (draw.json) and classifier_test.py the T1 samples
 # (classifier.md). SPEED=0 skips the timing. SNAPSHOTS=1 keeps a copy of each model.pt a run writes (one per
-# epoch_length steps) in the run's snapshots/ folder, for evaluate_snapshots.sh.
+# epoch_length steps, model_<epochs>.pt; the one at the time limit model_last.pt) in the run's snapshots/
+# folder, for evaluate_snapshots.sh.
 # SPEC_FILE: one run per line, "NAME GPU AUTOENCODER_CKPT OVERLAY|- [OVERRIDES ...]" (# comments).
 # The volumes are .data/generation.tar.xz (a tar of train/ and val/ from prepare_generation.py).
 # The runs live in .data/gen_runs, which a warm host keeps between calls: a run whose folder holds a
@@ -50,7 +51,9 @@ stage() {  # name gpu autoencoder overlay overrides...
         now=$(stat -c %Y "$runs/$name/model.pt" 2>/dev/null) || continue
         [[ "$now" == "$seen" ]] && continue
         sleep 1; seen=$now
-        cp "$runs/$name/model.pt" "$runs/$name/snapshots/model_$(grep -c 'Epoch\[[0-9]*\] Complete' "$runs/$name.log").pt"
+        snap="$runs/$name/snapshots/model_$(grep -c 'Epoch\[[0-9]*\] Complete' "$runs/$name.log").pt"
+        [[ -e "$snap" ]] && snap="$runs/$name/snapshots/model_last.pt"  # the save at the time limit, within an epoch
+        cp "$runs/$name/model.pt" "$snap"
       done ) &
     local watcher=$!
   fi
