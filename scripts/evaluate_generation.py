@@ -25,7 +25,9 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
 - Copies: for each sample, the SSIM to its nearest training volume, both with their empty space set
   to 0 (``body``: the speckle a sample has there would otherwise hide how near its anatomy is);
   beside it the same between each training volume and its nearest other one, largest and median.
-  A sample closer than the largest is a copy.
+  A sample closer than the largest is a copy. And the median of each held-out volume's SSIM to its
+  nearest training volume: how near a new real volume of the class comes, so that samples lying far
+  nearer than that show a model that has learned its training volumes rather than their kind.
 - A PNG of mid-slices in the three planes, a row per sample, for each class.
 
 Writes ``generation.json``, ``generation.md`` and ``grid_<class>.png`` into ``output_dir``.
@@ -299,6 +301,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         row["nearest_ssim_max"], row["nearest_ssim_median"] = max(near), float(np.median(near))
         row["train_nearest_ssim_max"], row["train_nearest_ssim_median"] = max(train_pairs), float(np.median(train_pairs))
         row["copies"] = int(sum(n > max(train_pairs) for n in near))
+        if held_out:
+            held_out_near = nearest([body(volumes[p]) for p in held_out], list(bodies.values()), ssim)
+            row["held_out_nearest_ssim_median"] = float(np.median(held_out_near))
         save_grid(samples[:4], Path(args.output_dir) / f"grid_{name}.png", f"samples: {name}")
         results["classes"][name] = row
         logger.info(f"{name}: {row}")
@@ -313,15 +318,16 @@ def markdown(results: dict) -> str:
         f"Samples of `{results['diffusion_ckpt']}`.",
         "",
         "| class | samples | Fréchet distance: samples | real vs real | through the autoencoder | decoded noise | MS-SSIM between samples | between training volumes | "
-        "empty space: samples / training / through the autoencoder | nearest-training SSIM, max / median | between training volumes, max / median | copies |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "empty space: samples / training / through the autoencoder | nearest-training SSIM, max / median | between training volumes, max / median | held-out volumes, median | copies |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results["classes"].items():
         lines.append(
             f"| {name} | {r['samples']} | {f(r.get('fd_samples'), 1)} | {f(r.get('fd_real'), 1)} | {f(r.get('fd_autoencoder'), 1)} | {f(r.get('fd_noise'), 1)} | "
             f"{f(r['ms_ssim_samples'], 3)} | {f(r['ms_ssim_train'], 3)} | "
             f"{f(r['empty_samples'], 4)} / {f(r['empty_train'], 4)} / {f(r['empty_autoencoder'], 4)} | {f(r['nearest_ssim_max'], 3)} / {f(r['nearest_ssim_median'], 3)} | "
-            f"{f(r['train_nearest_ssim_max'], 3)} / {f(r.get('train_nearest_ssim_median'), 3)} | {r['copies']} |"
+            f"{f(r['train_nearest_ssim_max'], 3)} / {f(r.get('train_nearest_ssim_median'), 3)} | {f(r.get('held_out_nearest_ssim_median'), 3)} | "
+            f"{r['copies']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -112,6 +112,7 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
         # are not quite the volumes, and noise is far
         assert row["fd_real"] == pytest.approx(0.0, abs=1e-6) and 0 < row["fd_autoencoder"] < row["fd_noise"]
         assert row["copies"] == 0 and -1 <= row["nearest_ssim_max"] <= 1  # SSIM, which can dip below 0
+        assert row["held_out_nearest_ssim_median"] == pytest.approx(1.0)  # each held-out volume is a training volume
         assert all(0 <= row[k] <= 1 for k in ("empty_samples", "empty_train", "empty_autoencoder"))
         assert (out / f"grid_{name}.png").stat().st_size > 0
         assert len(list((out / "samples" / name).glob(f"sample_{name}_seed0_*.nii.gz"))) == 2

@@ -2,11 +2,14 @@
 (docs/generation.md, the posterior's noise): each sample's SSIM to its nearest training volume, as
 `scripts.evaluate_generation` computed it before version 0.14.0 and with the empty space of both
 volumes set to 0 (`body`, as it computes it now), beside the same for the training volumes of the class
-against their nearest other training volume.
+against their nearest other training volume and, with --val_dir, for the held-out volumes; and the mean
+MS-SSIM between two samples (their diversity).
 
-    PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN --condition T1 EVAL [EVAL ...]
+    PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN [--val_dir HELD_OUT] \
+        --condition T1 [--num_samples 8] EVAL [EVAL ...]
 
-Each EVAL holds samples/<class>/*.nii.gz. Prints one Markdown row per EVAL, after the reference.
+Each EVAL holds samples/<class>/*.nii.gz (the first --num_samples of them, in name order). Prints one
+Markdown row per EVAL, after the references.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from monai.metrics import SSIMMetric
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import RealVolumes, body, by_class, nearest, read_sample
+from scripts.evaluate_generation import RealVolumes, body, by_class, ms_ssim_metric, nearest, pairwise, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 def main() -> None:
@@ -28,7 +31,9 @@ def main() -> None:
     p.add_argument("eval_dirs", type=Path, nargs="+")
     p.add_argument("--diffusion_ckpt", required=True)
     p.add_argument("--train_dir", required=True)
+    p.add_argument("--val_dir", default=None)
     p.add_argument("--condition", required=True)
+    p.add_argument("--num_samples", type=int, default=None)
     args = p.parse_args()
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     prepare = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, torch.device("cpu"))
@@ -37,15 +42,21 @@ def main() -> None:
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     bodies = {path: body(v) for path, v in train.items()}
     reference = [nearest([bodies[a]], [bodies[b] for b in train if b != a], ssim)[0] for a in groups[args.condition]]
-    print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 |")
-    print("| --- | --- | --- | --- |")
-    print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} |")
+    print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} | – |")
+    if args.val_dir:
+        val = by_class(list_volumes(args.val_dir), ckpt.get("condition_key"), list(ckpt.get("classes") or []))[args.condition]
+        held = nearest([body(prepare(path)) for path in val], list(bodies.values()), ssim)
+        print(f"| held-out volumes | {len(held)} | – | {np.median(held):.3f} / {max(held):.3f} | – |")
+    ms_ssim = ms_ssim_metric(ckpt["image_size"])
     for d in args.eval_dirs:
-        files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))
+        files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))[: args.num_samples]
         samples = [read_sample(f) for f in files]
         raw = nearest(samples, list(train.values()), ssim)
         cleaned = nearest([body(s) for s in samples], list(bodies.values()), ssim)
-        print(f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} |", flush=True)
+        diversity = np.mean(pairwise(samples, ms_ssim))
+        print(f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
