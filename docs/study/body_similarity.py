@@ -3,10 +3,14 @@
 `scripts.evaluate_generation` computed it before version 0.14.0 and with the empty space of both
 volumes set to 0 (`body`, as it computes it now), beside the same for the training volumes of the class
 against their nearest other training volume and, with --val_dir, for the held-out volumes; and the mean
-MS-SSIM between two samples (their diversity).
+MS-SSIM between two samples (their diversity). With --views N, also each sample's SSIM (empty space set
+to 0) to the nearest of the views a model trained with `latent_augmentations: N` learned: each training
+volume of the class and N randomly rotated and scaled copies of it, made as training makes them (MONAI's
+RandAffine seeded with --seed, over every training volume in datalist order), each with its mirror
+image. A sample that copies a rotated view is far from every unrotated volume, and near that view.
 
     PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN [--val_dir HELD_OUT] \
-        --condition T1 [--num_samples 8] EVAL [EVAL ...]
+        --condition T1 [--num_samples 8] [--views 7 --rotate 0.15 --scale 0.1 --seed 0] EVAL [EVAL ...]
 
 Each EVAL holds samples/<class>/*.nii.gz (the first --num_samples of them, in name order). Prints one
 Markdown row per EVAL, after the references.
@@ -20,11 +24,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.metrics import SSIMMetric
+from monai.transforms import RandAffine
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
 from scripts.evaluate_generation import RealVolumes, body, by_class, ms_ssim_metric, nearest, pairwise, read_sample
 from scripts.networks import FactorAutoencoderKL
+
+
+def training_views(volumes: dict, condition: list, count: int, rotate: float, scale: float, seed: int) -> list:
+    """The views of the class's training volumes that training with ``latent_augmentations: count``
+    encodes: the random transform runs over every training volume in datalist order, as training
+    calls it, so that each volume of the class gets the same draws as it did there."""
+    augment = RandAffine(prob=1.0, rotate_range=[rotate] * 3, scale_range=[scale] * 3, padding_mode="zeros")
+    augment.set_random_state(seed)
+    views = []
+    for path, volume in volumes.items():
+        made = [volume] + [augment(volume).as_tensor() for _ in range(count)]
+        if path in condition:
+            views += [body(v) for m in made for v in (m, m.flip(1))]
+    return views
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,6 +54,10 @@ def main() -> None:
     p.add_argument("--val_dir", default=None)
     p.add_argument("--condition", required=True)
     p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--views", type=int, default=0)
+    p.add_argument("--rotate", type=float, default=0.15)
+    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     prepare = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, torch.device("cpu"))
@@ -42,13 +66,17 @@ def main() -> None:
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     bodies = {path: body(v) for path, v in train.items()}
     reference = [nearest([bodies[a]], [bodies[b] for b in train if b != a], ssim)[0] for a in groups[args.condition]]
-    print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |")
-    print("| --- | --- | --- | --- | --- |")
+    extra = " nearest training view, empty space set to 0 |" if args.views else ""
+    print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |{extra}")
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
     print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} | – |")
     if args.val_dir:
         val = by_class(list_volumes(args.val_dir), ckpt.get("condition_key"), list(ckpt.get("classes") or []))[args.condition]
         held = nearest([body(prepare(path)) for path in val], list(bodies.values()), ssim)
         print(f"| held-out volumes | {len(held)} | – | {np.median(held):.3f} / {max(held):.3f} | – |")
+    views = training_views(train, groups[args.condition], args.views, args.rotate, args.scale, args.seed) if args.views else []
+    if views:
+        print(f"(and {len(views)} views of the training volumes of the class, with their mirror images: the last column)")
     ms_ssim = ms_ssim_metric(ckpt["image_size"])
     for d in args.eval_dirs:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))[: args.num_samples]
@@ -56,7 +84,11 @@ def main() -> None:
         raw = nearest(samples, list(train.values()), ssim)
         cleaned = nearest([body(s) for s in samples], list(bodies.values()), ssim)
         diversity = np.mean(pairwise(samples, ms_ssim))
-        print(f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |", flush=True)
+        row = f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |"
+        if views:
+            seen = nearest([body(s) for s in samples], views, ssim)
+            row += f" {np.median(seen):.3f} / {max(seen):.3f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
