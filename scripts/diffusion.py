@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -70,29 +70,12 @@ class ClassConditionedDiffusionModelUNet(DiffusionModelUNet):
 
 
 @torch.no_grad()
-def encode_volumes(
-    autoencoder: nn.Module,
-    data_loader: Iterable,
-    device: torch.device | str,
-    flips: bool = True,
-    augmentations: int = 0,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    seed: int = 0,
-) -> list[dict]:
+def encode_volumes(autoencoder: nn.Module, data_loader: Iterable, device: torch.device | str, flips: bool = True) -> list[dict]:
     """Every training volume through the frozen encoder once, and with ``flips`` its left-right
     mirror image too: the posterior's mean and spread (``z_mu``, ``z_sigma``) of each, with the
     volume's class label (``class_index``). Training then samples latents from them at each step and
     never runs the autoencoder again, so a step costs the UNet alone. They are kept where
-    :func:`latent_storage` says.
-
-    ``augmentations`` more views of each volume are made by ``augment`` (a MONAI random transform of
-    one channel-first volume, e.g. ``RandAffine``), seeded with ``seed`` so that a resumed run
-    encodes the same views, and encoded beside it (each mirrored too, with ``flips``): with a few
-    volumes per class, a diffusion model learns those volumes themselves, and more views of them give
-    it more to vary (docs/generation.md)."""
-    augmentations = check_augmentations(augmentations, augment)
-    if augment is not None and hasattr(augment, "set_random_state"):
-        augment.set_random_state(seed)
+    :func:`latent_storage` says."""
     autoencoder.eval()
     latents: list[dict] = []
     volumes = 0
@@ -100,8 +83,7 @@ def encode_volumes(
         images = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
         images = images.to(device)
         volumes += len(images)
-        views = [images] + [torch.stack([_plain(augment(image)) for image in images]) for _ in range(augmentations)]
-        for view in [v for image in views for v in ((image, image.flip(2)) if flips else (image,))]:
+        for view in (images, images.flip(2)) if flips else (images,):
             z_mu, z_sigma = autoencoder.encode(view)
             for i in range(len(view)):
                 item = {"z_mu": z_mu[i].float().cpu(), "z_sigma": z_sigma[i].float().cpu()}
@@ -114,25 +96,6 @@ def encode_volumes(
     logger.info(f"encoded {volumes} training volume(s) into {len(latents)} latents of shape {list(latents[0]['z_mu'].shape)}, "
                 f"kept in {'GPU' if storage.type == 'cuda' else 'host'} memory")
     return [{k: v.to(storage) if torch.is_tensor(v) else v for k, v in item.items()} for item in latents]
-
-
-def _plain(image: torch.Tensor) -> torch.Tensor:
-    """A transform's output as a plain tensor: MONAI's transforms return a ``MetaTensor``."""
-    return image.as_tensor() if hasattr(image, "as_tensor") else image
-
-
-def check_augmentations(augmentations: int, augment: Callable | None) -> int:
-    """``latent_augmentations`` as a count, once it is clear that the views can be made: a whole
-    number, at least 0, and a transform to make them when it is above 0. Checked before any volume
-    is read."""
-    if isinstance(augmentations, bool) or not isinstance(augmentations, int) or augmentations < 0:
-        raise ValueError(f"latent_augmentations must be a whole number of views per volume, 0 or more, got {augmentations!r}.")
-    if augmentations and not callable(augment):
-        raise ValueError(
-            f"latent_augmentations is {augmentations}, but latent_augmentation is {augment!r}: "
-            "expected a transform of one volume (e.g. MONAI's RandAffine) that makes the views."
-        )
-    return augmentations
 
 
 def latent_storage(latents: Sequence[dict], device: torch.device | str, share: float = 0.25) -> torch.device:
@@ -231,8 +194,7 @@ def check_full_batches(latents: Sequence[dict], batch_size: int) -> Sequence[dic
     if per_process < batch_size:
         raise ValueError(
             f"batch_size {batch_size} needs at least {batch_size * world} training latents for {world} process(es), "
-            f"but the training volumes gave {len(latents)} (each volume gives 1 + latent_augmentations views, twice that "
-            "with latent_flips): "
+            f"but the training volumes gave {len(latents)} (each volume gives two with latent_flips): "
             f"set batch_size to {max(per_process, 1)} or less, or train on more volumes."
         )
     return latents

@@ -263,14 +263,14 @@ def trained_diffusion(tmp_path_factory, tiny_dataset, trained_autoencoder) -> di
     seen = {"images": [], "calls": 0}
     original = scripts.diffusion.encode_volumes
 
-    def observed(autoencoder, data_loader, device, flips=True, *args):
+    def observed(autoencoder, data_loader, device, flips=True):
         def batches():
             for batch in data_loader:
                 seen["images"].append(batch["image"].as_tensor().clone())
                 yield batch
 
         seen["calls"] += 1
-        seen["latents"] = original(autoencoder, batches(), device, flips, *args)
+        seen["latents"] = original(autoencoder, batches(), device, flips)
         return seen["latents"]
 
     with pytest.MonkeyPatch.context() as patch:

@@ -19,7 +19,6 @@ from scripts.diffusion import (
     NO_CLASS,
     ClassConditionedDiffusionModelUNet,
     LatentDiffusionPrepareBatch,
-    check_augmentations,
     check_full_batches,
     check_latent_fits_unet,
     describe_scale,
@@ -103,38 +102,6 @@ def test_encode_volumes_keeps_each_volume_and_its_mirror_image():
     assert len(encode_volumes(ae, DataLoader(items, batch_size=2), "cpu", flips=False)) == 3
     with pytest.raises(ValueError, match="no volume"):
         encode_volumes(ae, [], "cpu")
-
-
-def test_encode_volumes_adds_seeded_augmented_views():
-    """Each volume gives 1 + augmentations views, each with its mirror image; the views are the
-    transform's, and the same seed gives the same views (a resumed run learns the same latents)."""
-    from monai.transforms import RandAffine
-
-    ae = tiny_autoencoder()
-    items = [{"image": torch.rand(1, 16, 16, 16), "class_index": i} for i in range(2)]
-    augment = RandAffine(prob=1.0, rotate_range=[0.3] * 3, scale_range=[0.1] * 3, padding_mode="zeros")
-
-    def encode(seed: int) -> list[dict]:
-        return encode_volumes(ae, DataLoader(items, batch_size=1), "cpu", True, 2, augment, seed)
-
-    latents = encode(0)
-    assert len(latents) == 2 * 3 * 2 and [item["class_index"] for item in latents] == [0] * 6 + [1] * 6
-    with torch.no_grad():
-        z_mu, _ = ae.encode(items[0]["image"][None])
-    torch.testing.assert_close(latents[0]["z_mu"], z_mu[0])
-    assert not torch.allclose(latents[2]["z_mu"], latents[0]["z_mu"]) and not torch.allclose(latents[4]["z_mu"], latents[2]["z_mu"])
-    assert all(torch.equal(a["z_mu"], b["z_mu"]) for a, b in zip(latents, encode(0)))
-    assert not torch.equal(encode(1)[2]["z_mu"], latents[2]["z_mu"])
-
-
-@pytest.mark.parametrize(
-    "count, augment, message",
-    [(-1, None, "0 or more, got -1"), (1.5, None, "got 1.5"), (True, None, "got True"), (2, None, "latent_augmentation is None")],
-)
-def test_check_augmentations_refuses_a_count_without_views(count, augment, message):
-    with pytest.raises(ValueError, match=message):
-        check_augmentations(count, augment)
-    assert check_augmentations(0, None) == 0
 
 
 def test_latents_live_on_the_training_gpu_where_they_take_at_most_a_quarter_of_it(monkeypatch):

@@ -761,16 +761,6 @@ def test_diffusion_refuses_a_power_outside_0_to_1_before_encoding(tmp_path, tiny
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
-def test_diffusion_refuses_augmented_views_without_a_transform_before_encoding(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch):
-    import scripts.diffusion
-
-    monkeypatch.setattr(scripts.diffusion, "encode_volumes", lambda *a, **k: pytest.fail("encoded before the check"))
-    overrides = train_overrides(tmp_path, tiny_dataset, downsample_factors=[2, 2], autoencoder_ckpt=str(trained_autoencoder["ckpt"]), **TINY_DIFFUSION)
-    with pytest.raises(Exception) as info:
-        make_workflow(DIFFUSION_CONFIGS, **{**overrides, "latent_augmentations": 4, "latent_augmentation": None}).initialize()
-    assert "latent_augmentations is 4, but latent_augmentation is None" in error_text(info.value)
-
-
 def test_diffusion_refuses_attention_levels_given_as_text_before_encoding(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch):
     """'[false,true]' on the command line is a list of texts: every level would get attention."""
     import scripts.diffusion

@@ -210,11 +210,10 @@ def diffusion_overrides(tmp, tiny_dataset, trained_autoencoder, **overrides) -> 
 
 def test_diffusion_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted_run(tmp_path, tiny_dataset, trained_autoencoder, monkeypatch):
     """The diffusion run's resume point holds the UNet, its moving average, the optimizer and the
-    learning-rate schedule, and the resumed run encodes the same augmented views: resumed after
-    epoch 1 of 2, it ends where the uninterrupted run ends, the cosine schedule at 0 on the last of
-    its 32 steps (4 volumes, each with one augmented view, and their mirror images, batch 1)."""
+    learning-rate schedule: resumed after epoch 1 of 2, it ends where the uninterrupted run ends, the
+    cosine schedule at 0 on the last of its 16 steps (4 volumes and their mirror images, batch 1)."""
     keep_each_epoch(monkeypatch)
-    overrides = dict(ema_decay=0.5, ema_warmup_steps=1, lr_schedule="cosine", lr_warmup_steps=2, max_epochs=2, latent_augmentations=1)
+    overrides = dict(ema_decay=0.5, ema_warmup_steps=1, lr_schedule="cosine", lr_warmup_steps=2, max_epochs=2)
     run_workflow(DIFFUSION_CONFIGS, **diffusion_overrides(tmp_path / "whole", tiny_dataset, trained_autoencoder, **overrides))
     whole = tmp_path / "whole" / "out"
     interrupted = whole / "epoch1_checkpoint_last.pt"
@@ -222,10 +221,10 @@ def test_diffusion_resume_with_ema_and_cosine_schedule_matches_the_uninterrupted
         DIFFUSION_CONFIGS,
         **diffusion_overrides(tmp_path / "resumed", tiny_dataset, trained_autoencoder, **overrides, resume_from=str(interrupted)),
     )
-    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 32
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 16
     ref = torch.load(whole / "checkpoint_last.pt", weights_only=True)
     res = torch.load(tmp_path / "resumed" / "out" / "checkpoint_last.pt", weights_only=True)
-    assert res["lr_scheduler"]["last_epoch"] == ref["lr_scheduler"]["last_epoch"] == 32
+    assert res["lr_scheduler"]["last_epoch"] == ref["lr_scheduler"]["last_epoch"] == 16
     assert res["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert res["scale_factor"] == ref["scale_factor"]
     for name in ("diffusion", "ema_diffusion"):
