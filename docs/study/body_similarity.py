@@ -4,10 +4,10 @@
 volumes set to 0 (`body`, as it computes it now), beside the same for the training volumes of the class
 against their nearest other training volume and, with --val_dir, for the held-out volumes; and the mean
 MS-SSIM between two samples (their diversity). With --views N, also each sample's SSIM (empty space set
-to 0) to the nearest of the views a model trained with `latent_augmentations: N` learned: each training
-volume of the class and N randomly rotated and scaled copies of it, made as training makes them (MONAI's
-RandAffine seeded with --seed, over every training volume in datalist order), each with its mirror
-image. A sample that copies a rotated view is far from every unrotated volume, and near that view.
+to 0) to the nearest of the views that generation stage 25's models learned (`latent_augmentations: N`,
+at commit 6ee33c2): each training volume of the class and N randomly rotated and scaled copies of it,
+made as that training made them (MONAI's RandAffine seeded with --seed, over every training volume in
+datalist order), each with its mirror image. A sample that copies a rotated view is far from every unrotated volume, and near that view.
 
     PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN [--val_dir HELD_OUT] \
         --condition T1 [--num_samples 8] [--views 7 --rotate 0.15 --scale 0.1 --seed 0] EVAL [EVAL ...]
@@ -34,8 +34,8 @@ from scripts.networks import FactorAutoencoderKL
 
 def training_views(volumes: dict, condition: list, count: int, rotate: float, scale: float, seed: int) -> list:
     """The views of the class's training volumes that training with ``latent_augmentations: count``
-    encodes: the random transform runs over every training volume in datalist order, as training
-    calls it, so that each volume of the class gets the same draws as it did there."""
+    encoded: the random transform runs over every training volume in datalist order, as training
+    called it, so that each volume of the class gets the same draws as it did there."""
     augment = RandAffine(prob=1.0, rotate_range=[rotate] * 3, scale_range=[scale] * 3, padding_mode="zeros")
     augment.set_random_state(seed)
     views = []
@@ -66,7 +66,7 @@ def main() -> None:
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     bodies = {path: body(v) for path, v in train.items()}
     reference = [nearest([bodies[a]], [bodies[b] for b in train if b != a], ssim)[0] for a in groups[args.condition]]
-    extra = " nearest training view, empty space set to 0 |" if args.views else ""
+    extra = " nearest training view, empty space set to 0, median / max |" if args.views else ""
     print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |{extra}")
     print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
     print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} | – |")
