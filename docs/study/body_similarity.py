@@ -82,11 +82,12 @@ def main() -> None:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))[: args.num_samples]
         samples = [read_sample(f) for f in files]
         raw = nearest(samples, list(train.values()), ssim)
-        cleaned = nearest([body(s) for s in samples], list(bodies.values()), ssim)
+        sample_bodies = [body(s) for s in samples]
+        cleaned = nearest(sample_bodies, list(bodies.values()), ssim)
         diversity = np.mean(pairwise(samples, ms_ssim))
         row = f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |"
         if views:
-            seen = nearest([body(s) for s in samples], views, ssim)
+            seen = nearest(sample_bodies, views, ssim)
             row += f" {np.median(seen):.3f} / {max(seen):.3f} |"
         print(row, flush=True)
 
