@@ -8,9 +8,12 @@ to 0) to the nearest of the views that generation stage 25's models learned (`la
 at commit 6ee33c2): each training volume of the class and N randomly rotated and scaled copies of it,
 made as that training made them (MONAI's RandAffine seeded with --seed, over every training volume in
 datalist order), each with its mirror image. A sample that copies a rotated view is far from every unrotated volume, and near that view.
+With --smooth S, every volume (sample, training, held-out) is smoothed by a Gaussian of S voxels after its empty
+space is set to 0, and so is each sample for the MS-SSIM: a noisy copy of a training volume, whose speckle pulls
+its SSIM down, comes out as near as a clean one (generation stage 26's smaller UNets).
 
     PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN [--val_dir HELD_OUT] \
-        --condition T1 [--num_samples 8] [--views 7 --rotate 0.15 --scale 0.1 --seed 0] EVAL [EVAL ...]
+        --condition T1 [--num_samples 8] [--views 7 --rotate 0.15 --scale 0.1 --seed 0] [--smooth 1.5] EVAL [EVAL ...]
 
 Each EVAL holds samples/<class>/*.nii.gz (the first --num_samples of them, in name order). Prints one
 Markdown row per EVAL, after the references.
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.metrics import SSIMMetric
-from monai.transforms import RandAffine
+from monai.transforms import GaussianSmooth, RandAffine
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
@@ -32,7 +35,7 @@ from scripts.evaluate_generation import RealVolumes, body, by_class, ms_ssim_met
 from scripts.networks import FactorAutoencoderKL
 
 
-def training_views(volumes: dict, condition: list, count: int, rotate: float, scale: float, seed: int) -> list:
+def training_views(volumes: dict, condition: list, count: int, rotate: float, scale: float, seed: int, look=body) -> list:
     """The views of the class's training volumes that training with ``latent_augmentations: count``
     encoded: the random transform runs over every training volume in datalist order, as training
     called it, so that each volume of the class gets the same draws as it did there."""
@@ -42,7 +45,7 @@ def training_views(volumes: dict, condition: list, count: int, rotate: float, sc
     for path, volume in volumes.items():
         made = [volume] + [augment(volume).as_tensor() for _ in range(count)]
         if path in condition:
-            views += [body(v) for m in made for v in (m, m.flip(1))]
+            views += [look(v) for m in made for v in (m, m.flip(1))]
     return views
 
 
@@ -58,23 +61,28 @@ def main() -> None:
     p.add_argument("--rotate", type=float, default=0.15)
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smooth", type=float, default=0.0, help="Gaussian sigma in voxels applied to every body (0: none)")
     args = p.parse_args()
+    smooth = GaussianSmooth(args.smooth) if args.smooth else None
+    look = (lambda v: smooth(body(v)).as_tensor()) if smooth else body
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     prepare = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, torch.device("cpu"))
     groups = by_class(list_volumes(args.train_dir), ckpt.get("condition_key"), list(ckpt.get("classes") or []))
     train = {path: prepare(path) for path in groups["all"]}
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
-    bodies = {path: body(v) for path, v in train.items()}
+    bodies = {path: look(v) for path, v in train.items()}
     reference = [nearest([bodies[a]], [bodies[b] for b in train if b != a], ssim)[0] for a in groups[args.condition]]
     extra = " nearest training view, empty space set to 0, median / max |" if args.views else ""
+    if smooth:
+        print(f"(bodies and the samples' MS-SSIM smoothed by a Gaussian of {args.smooth} voxels)")
     print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |{extra}")
     print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
     print(f"| training volumes, against the nearest other | {len(reference)} | – | {np.median(reference):.3f} / {max(reference):.3f} | – |")
     if args.val_dir:
         val = by_class(list_volumes(args.val_dir), ckpt.get("condition_key"), list(ckpt.get("classes") or []))[args.condition]
-        held = nearest([body(prepare(path)) for path in val], list(bodies.values()), ssim)
+        held = nearest([look(prepare(path)) for path in val], list(bodies.values()), ssim)
         print(f"| held-out volumes | {len(held)} | – | {np.median(held):.3f} / {max(held):.3f} | – |")
-    views = training_views(train, groups[args.condition], args.views, args.rotate, args.scale, args.seed) if args.views else []
+    views = training_views(train, groups[args.condition], args.views, args.rotate, args.scale, args.seed, look) if args.views else []
     if views:
         print(f"(and {len(views)} views of the training volumes of the class, with their mirror images: the last column)")
     ms_ssim = ms_ssim_metric(ckpt["image_size"])
@@ -82,9 +90,9 @@ def main() -> None:
         files = sorted((d / "samples" / args.condition).glob("*.nii.gz"))[: args.num_samples]
         samples = [read_sample(f) for f in files]
         raw = nearest(samples, list(train.values()), ssim)
-        sample_bodies = [body(s) for s in samples]
+        sample_bodies = [look(s) for s in samples]
         cleaned = nearest(sample_bodies, list(bodies.values()), ssim)
-        diversity = np.mean(pairwise(samples, ms_ssim))
+        diversity = np.mean(pairwise([smooth(s).as_tensor() for s in samples] if smooth else samples, ms_ssim))
         row = f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |"
         if views:
             seen = nearest(sample_bodies, views, ssim)
