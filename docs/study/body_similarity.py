@@ -63,8 +63,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smooth", type=float, default=0.0, help="Gaussian sigma in voxels applied to every body (0: none)")
     args = p.parse_args()
-    smooth = GaussianSmooth(args.smooth) if args.smooth else None
-    look = (lambda v: smooth(body(v)).as_tensor()) if smooth else body
+    smooth = GaussianSmooth(args.smooth)
+
+    def blur(volume: torch.Tensor) -> torch.Tensor:
+        return smooth(volume).as_tensor() if args.smooth else volume
+
+    def look(volume: torch.Tensor) -> torch.Tensor:
+        return blur(body(volume))
+
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     prepare = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, torch.device("cpu"))
     groups = by_class(list_volumes(args.train_dir), ckpt.get("condition_key"), list(ckpt.get("classes") or []))
@@ -73,7 +79,7 @@ def main() -> None:
     bodies = {path: look(v) for path, v in train.items()}
     reference = [nearest([bodies[a]], [bodies[b] for b in train if b != a], ssim)[0] for a in groups[args.condition]]
     extra = " nearest training view, empty space set to 0, median / max |" if args.views else ""
-    if smooth:
+    if args.smooth:
         print(f"(bodies and the samples' MS-SSIM smoothed by a Gaussian of {args.smooth} voxels)")
     print(f"| {args.condition} | volumes | nearest-training SSIM, median / max | the same, empty space set to 0 | MS-SSIM between two |{extra}")
     print("| --- | --- | --- | --- | --- |" + (" --- |" if extra else ""))
@@ -92,7 +98,7 @@ def main() -> None:
         raw = nearest(samples, list(train.values()), ssim)
         sample_bodies = [look(s) for s in samples]
         cleaned = nearest(sample_bodies, list(bodies.values()), ssim)
-        diversity = np.mean(pairwise([smooth(s).as_tensor() for s in samples] if smooth else samples, ms_ssim))
+        diversity = np.mean(pairwise([blur(s) for s in samples], ms_ssim))
         row = f"| {d} | {len(samples)} | {np.median(raw):.3f} / {max(raw):.3f} | {np.median(cleaned):.3f} / {max(cleaned):.3f} | {diversity:.3f} |"
         if views:
             seen = nearest(sample_bodies, views, ssim)
