@@ -1,6 +1,6 @@
 """Tests for scripts/evaluate_generation.py: the Fréchet distance (MONAI's definition, without
 SciPy), MS-SSIM at the scales a volume allows, copy detection (also of a copy with speckle around
-it), and the command on the session's tiny class-conditioned diffusion model (conftest.py)."""
+it or inside it), and the command on the session's tiny class-conditioned diffusion model (conftest.py)."""
 
 from __future__ import annotations
 
@@ -60,24 +60,39 @@ def test_nearest_finds_a_copy():
     assert near[0] == pytest.approx(1.0, abs=1e-5) and near[1] < 0.5
 
 
+def head(seed: int) -> torch.Tensor:
+    """A phantom with clean air around it, as the training volumes have."""
+    v = torch.from_numpy(phantom((32, 36, 28), seed=seed) / 1000.0).clamp(0, 1)
+    return F.pad(torch.where(v > 0.1, v, 0), (10, 10, 8, 8, 8, 8))[None].float()
+
+
 def test_a_copy_with_speckle_in_its_empty_space_is_still_a_copy():
-    """Speckle in the air around a sample pulls its whole-volume SSIM down; with the empty space set to
-    0 the copy is found, a real volume loses nothing, and another anatomy stays below the copy."""
-
-    def head(seed: int) -> torch.Tensor:  # a phantom with clean air around it, as the training volumes have
-        v = torch.from_numpy(phantom((32, 36, 28), seed=seed) / 1000.0).clamp(0, 1)
-        return F.pad(torch.where(v > 0.1, v, 0), (10, 10, 8, 8, 8, 8))[None]
-
+    """Speckle in the air around a sample pulls its whole-volume SSIM down; compared with the empty space
+    set to 0 and smoothed, the copy is found, and another anatomy stays below the copy."""
     train = [head(i) for i in range(3)]
     speckle = torch.rand(train[1].shape, generator=torch.Generator().manual_seed(0)) * 0.04
     copy = torch.where(train[1] > 0, train[1], speckle)
     assert eg.empty_space(copy) == pytest.approx(0.02, abs=0.002) and eg.empty_space(train[1]) == 0.0
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
     assert eg.nearest([copy], train, ssim)[0] < 0.6
-    bodies = [eg.body(v) for v in train]
-    assert all(torch.equal(b, v) for b, v in zip(bodies, train))
-    assert eg.nearest([eg.body(copy)], bodies, ssim)[0] > 0.97
-    assert eg.nearest([bodies[2]], bodies[:2], ssim)[0] < 0.95
+    assert all(torch.equal(eg.body(v), v) for v in train)  # a real volume's air is 0 already
+    seen = [eg.compared(v) for v in train]
+    found = eg.nearest([eg.compared(copy)], seen, ssim)[0]
+    assert found > 0.97 and eg.nearest([seen[2]], seen[:2], ssim)[0] < found
+
+
+def test_a_copy_with_speckle_inside_the_head_is_still_a_copy():
+    """Speckle inside the head hides a copy from SSIM as much as speckle around it; smoothed by
+    ``SMOOTHING`` voxels, the copy is nearer its training volume than another anatomy is."""
+    train = [head(i) for i in range(3)]
+    noise = torch.randn(train[1].shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    copy = torch.where(train[1] > 0, (train[1] + noise).clamp(0, 1), 0)
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0)
+    line = max(eg.nearest([train[i]], [train[j] for j in range(3) if j != i], ssim)[0] for i in range(3))
+    assert eg.nearest([eg.body(copy)], train, ssim)[0] < line  # unsmoothed, the copy passes as a new head
+    seen = [eg.compared(v) for v in train]
+    line = max(eg.nearest([seen[i]], [seen[j] for j in range(3) if j != i], ssim)[0] for i in range(3))
+    assert eg.nearest([eg.compared(copy)], seen, ssim)[0] > line
 
 
 def test_empty_space_is_the_mean_of_the_eight_corner_cubes():

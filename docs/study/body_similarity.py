@@ -1,7 +1,7 @@
 """Whether samples come nearer the training volumes or only have cleaner empty space
 (docs/generation.md, the posterior's noise): each sample's SSIM to its nearest training volume, as
 `scripts.evaluate_generation` computed it before version 0.14.0 and with the empty space of both
-volumes set to 0 (`body`, as it computes it now), beside the same for the training volumes of the class
+volumes set to 0 (`body`, as it computed it in versions 0.14.0 to 0.15.3), beside the same for the training volumes of the class
 against their nearest other training volume and, with --val_dir, for the held-out volumes; and the mean
 MS-SSIM between two samples (their diversity). With --views N, also each sample's SSIM (empty space set
 to 0) to the nearest of the views that generation stage 25's models learned (`latent_augmentations: N`,
@@ -10,7 +10,9 @@ made as that training made them (MONAI's RandAffine seeded with --seed, over eve
 datalist order), each with its mirror image. A sample that copies a rotated view is far from every unrotated volume, and near that view.
 With --smooth S, every volume (sample, training, held-out) is smoothed by a Gaussian of S voxels after its empty
 space is set to 0, and so is each sample for the MS-SSIM: a noisy copy of a training volume, whose speckle pulls
-its SSIM down, comes out as near as a clean one (generation stage 26's smaller UNets).
+its SSIM down, comes out as near as a clean one (generation stage 26's smaller UNets). With --smooth 1.5
+the nearest-training SSIM is the measure's own since version 0.16.0 (`compared`); its MS-SSIM still smooths the
+samples without setting their empty space to 0, as the figures of stage 26 were taken.
 
     PYTHONPATH=. python docs/study/body_similarity.py --diffusion_ckpt M --train_dir TRAIN [--val_dir HELD_OUT] \
         --condition T1 [--num_samples 8] [--views 7 --rotate 0.15 --scale 0.1 --seed 0] [--smooth 1.5] EVAL [EVAL ...]
