@@ -30,11 +30,9 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
 - A PNG of mid-slices in the three planes, a row per sample, for each class.
 
 The diversity and the copies compare volumes as ``compared`` shows them: the empty space set to 0
-and the detail finer than about 3 voxels smoothed away. Speckle, around a sample or inside it, would
-otherwise make two samples of one anatomy look unlike each other and hide how near a sample's anatomy
-comes to a training volume.
-
-- A PNG of mid-slices in the three planes, a row per sample, for each class.
+and the detail finer than about 3 mm (at 2 mm voxels) smoothed away. Speckle, around a sample or
+inside it, would otherwise make two samples of one anatomy look unlike each other and hide how near
+a sample's anatomy comes to a training volume.
 
 Writes ``generation.json``, ``generation.md`` and ``grid_<class>.png`` into ``output_dir``.
 """
