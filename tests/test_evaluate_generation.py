@@ -121,6 +121,7 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
     assert eg.main(argv(out)) == 0
     results = json.loads((out / "generation.json").read_text())
     assert set(results["classes"]) == {"a", "b"}
+    assert results["settings"]["smoothing"] == eg.SMOOTHING  # how the copies were compared travels with them
     for name, row in results["classes"].items():
         assert row["samples"] == 2 and row["train_volumes"] == 2 and row["held_out_volumes"] == 2
         # the held-out volumes are the training ones here: real against real is zero, their reconstructions
