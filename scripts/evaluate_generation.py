@@ -129,9 +129,14 @@ def empty_space(volume: torch.Tensor, share: int = 8) -> float:
     return float(torch.stack([volume[..., x, y, z].mean() for x, y, z in itertools.product(*ends)]).mean())
 
 
+def body_mask(volume: torch.Tensor) -> torch.Tensor:
+    """Where the volume is not empty space: voxels whose 5x5x5 mean is above ``BODY_THRESHOLD``."""
+    return F.avg_pool3d(volume[None], 5, stride=1, padding=2)[0] > BODY_THRESHOLD
+
+
 def body(volume: torch.Tensor) -> torch.Tensor:
-    """The volume with its empty space set to 0: voxels whose 5x5x5 mean is at most ``BODY_THRESHOLD``."""
-    return volume * (F.avg_pool3d(volume[None], 5, stride=1, padding=2)[0] > BODY_THRESHOLD)
+    """The volume with its empty space set to 0."""
+    return volume * body_mask(volume)
 
 
 def compared(volume: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Whether the spread of intensities inside the head tells one-step samples from real volumes, which
 the Fréchet distance of `scripts.evaluate_generation` does not (docs/generation.md, the measure): a
 blurred average head has its tissues' intensities run together. For every volume, the quantiles 5 %
-to 95 % of its body's voxels (`compared`: empty space set to 0, smoothed by 1.5 voxels; the body is
-where the unsmoothed 5x5x5 mean passes `BODY_THRESHOLD`), each divided by the median; then the
-Fréchet distance between the quantile rows of two sets of volumes: the samples of each EVAL and the
-training volumes of the class, each against the held-out volumes and against the training volumes.
+to 95 % of its body's voxels (`body_mask`), as the copy check compares them (`compared`: empty space
+set to 0, smoothed by 1.5 voxels), each divided by the median; then the Fréchet distance between the
+quantile rows of two sets of volumes: the samples of each EVAL and the training volumes of the
+class, each against the held-out volumes and against the training volumes.
 
     PYTHONPATH=. python docs/study/body_intensity.py --diffusion_ckpt M --train_dir TRAIN --val_dir VAL \
         --condition T1 EVAL [EVAL ...]
@@ -18,11 +18,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from scripts.checkpoints import load_checkpoint
 from scripts.data import list_volumes
-from scripts.evaluate_generation import BODY_THRESHOLD, RealVolumes, by_class, compared, frechet_distance, read_sample
+from scripts.evaluate_generation import RealVolumes, body_mask, by_class, compared, frechet_distance, read_sample
 from scripts.networks import FactorAutoencoderKL
 
 QUANTILES = torch.linspace(0.05, 0.95, 19)
@@ -30,8 +29,7 @@ QUANTILES = torch.linspace(0.05, 0.95, 19)
 
 def body_quantiles(volume: torch.Tensor) -> torch.Tensor:
     """The quantiles of the compared volume over its body, over their median (the 10th of 19)."""
-    inside = (F.avg_pool3d(volume[None], 5, stride=1, padding=2)[0] > BODY_THRESHOLD)[0]
-    values = compared(volume)[0][inside]
+    values = compared(volume)[body_mask(volume)]
     values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))[:300_000]]
     q = torch.quantile(values, QUANTILES)
     return q / q[9]
