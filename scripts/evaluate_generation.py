@@ -289,9 +289,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         ]
     noise_feats = torch.cat([features(v) for v in noise])
     seen = {p: compared(volumes[p]) for p in train_groups[UNCONDITIONAL]}
-    train_pairs = [nearest([seen[a]], [seen[b] for b in seen if b != a], ssim)[0] for a in seen]
+    # each training volume's nearest other: the largest of these is the copy line, so name the pair that sets it
+    train_nearest = {}
+    for a in seen:
+        score, b = max((float(ssim(seen[a][None], seen[b][None]).mean()), b) for b in seen if b != a)
+        train_nearest[str(a)] = {"nearest": str(b), "ssim": score}
+    train_pairs = [pair["ssim"] for pair in train_nearest.values()]
     settings = vars(args) | {"device": str(device), "body_threshold": BODY_THRESHOLD, "smoothing": SMOOTHING}
-    results: dict = {"diffusion_ckpt": str(args.diffusion_ckpt), "classes": {}, "settings": settings}
+    results: dict = {"diffusion_ckpt": str(args.diffusion_ckpt), "classes": {}, "settings": settings, "train_nearest": train_nearest}
     for name in classes or [UNCONDITIONAL]:
         start = time.perf_counter()
         samples = [v.to(device) for v in sample(config, Path(args.output_dir) / "samples" / name, name if classes else None)]
@@ -350,6 +355,9 @@ def markdown(results: dict) -> str:
             f"{f(r['train_nearest_ssim_max'], 3)} / {f(r.get('train_nearest_ssim_median'), 3)} | {f(r.get('held_out_nearest_ssim_median'), 3)} | "
             f"{r['copies']} |"
         )
+    if results.get("train_nearest"):
+        line = max(results["train_nearest"].items(), key=lambda item: item[1]["ssim"])
+        lines += ["", f"The copy line, {line[1]['ssim']:.3f}, is the SSIM between `{Path(line[0]).name}` and `{Path(line[1]['nearest']).name}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -122,6 +122,11 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
     results = json.loads((out / "generation.json").read_text())
     assert set(results["classes"]) == {"a", "b"}
     assert results["settings"]["smoothing"] == eg.SMOOTHING  # how the copies were compared travels with them
+    # each training volume's nearest other, the largest of which is the copy line, named in the report
+    pairs = results["train_nearest"]
+    assert len(pairs) == 4 and all(pair["nearest"] in pairs and pair["nearest"] != volume for volume, pair in pairs.items())
+    assert max(pair["ssim"] for pair in pairs.values()) == pytest.approx(results["classes"]["a"]["train_nearest_ssim_max"])
+    assert "The copy line" in (out / "generation.md").read_text()
     for name, row in results["classes"].items():
         assert row["samples"] == 2 and row["train_volumes"] == 2 and row["held_out_volumes"] == 2
         # the held-out volumes are the training ones here: real against real is zero, their reconstructions
