@@ -23,8 +23,8 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
   adds there is speckle that a reader sees at once and the distance does not weigh; beside it the
   same for the training volumes and for them through the autoencoder.
 - Copies: for each sample, the SSIM to its nearest training volume; beside it the same between each
-  training volume and its nearest other one, largest and median. A sample closer than the largest is
-  a copy. And the median of each held-out volume's SSIM to its nearest training volume: how near a
+  training volume and its nearest other one, largest and median (each pair in ``generation.json``,
+  the largest named under the table). A sample closer than the largest is a copy. And the median of each held-out volume's SSIM to its nearest training volume: how near a
   new real volume of the class comes, so that samples lying far nearer than that show a model that
   has learned its training volumes rather than their kind.
 - A PNG of mid-slices in the three planes, a row per sample, for each class.
