@@ -22,7 +22,8 @@ prepared as the model's training volumes were (the spacing, intensity mapping an
   axis), which in a head or body volume hold air: 0 in the training volumes, whatever a model
   adds there is speckle that a reader sees at once and the distance does not weigh; beside it the
   same for the training volumes and for them through the autoencoder.
-- Copies: for each sample, the SSIM to its nearest training volume; beside it the same between each
+- Copies: for each sample, the SSIM to its nearest training volume, which is named (``generation.json``'s
+  ``nearest_volumes``, counted under the table: a model that copies often copies one head); beside it the same between each
   training volume and its nearest other one, largest and median (each pair in ``generation.json``,
   the largest named under the table). A sample closer than the largest is a copy. And the median of each held-out volume's SSIM to its nearest training volume: how near a
   new real volume of the class comes, so that samples lying far nearer than that show a model that
@@ -44,6 +45,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -322,7 +324,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         row["empty_autoencoder"] = float(np.mean([recon_empty[p] for p in train_groups[name]])) if train_vols else None
         row["ms_ssim_samples"] = float(np.mean(pairwise(samples_seen, ms_ssim))) if len(samples) > 1 else None
         row["ms_ssim_train"] = float(np.mean(pairwise([seen[p] for p in train_groups[name]], ms_ssim))) if len(train_vols) > 1 else None
-        near = nearest(samples_seen, list(seen.values()), ssim)
+        # each sample's nearest training volume, named: which heads a model copies, if it copies
+        scored = [max((float(ssim(s[None], seen[p][None]).mean()), p) for p in seen) for s in samples_seen]
+        near = [score for score, _ in scored]
+        row["nearest_volumes"] = [Path(p).name for _, p in scored]
         row["nearest_ssim_max"], row["nearest_ssim_median"] = max(near), float(np.median(near))
         row["train_nearest_ssim_max"], row["train_nearest_ssim_median"] = max(train_pairs), float(np.median(train_pairs))
         row["copies"] = int(sum(n > max(train_pairs) for n in near))
@@ -358,6 +363,10 @@ def markdown(results: dict) -> str:
     if results.get("train_nearest"):
         line = max(results["train_nearest"].items(), key=lambda item: item[1]["ssim"])
         lines += ["", f"The copy line, {line[1]['ssim']:.3f}, is the SSIM between `{Path(line[0]).name}` and `{Path(line[1]['nearest']).name}`."]
+    for name, r in results["classes"].items():
+        counts = Counter(r.get("nearest_volumes", [])).most_common()
+        if counts:
+            lines += ["", f"Nearest training volumes of the {name} samples: " + ", ".join(f"`{v}` {n}" for v, n in counts) + "."]
     return "\n".join(lines) + "\n"
 
 

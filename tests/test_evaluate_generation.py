@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,11 +134,13 @@ def test_evaluate_generation_command(tmp_path, trained_diffusion, trained_autoen
         # are not quite the volumes, and noise is far
         assert row["fd_real"] == pytest.approx(0.0, abs=1e-6) and 0 < row["fd_autoencoder"] < row["fd_noise"]
         assert row["copies"] == 0 and -1 <= row["nearest_ssim_max"] <= 1  # SSIM, which can dip below 0
+        assert len(row["nearest_volumes"]) == 2 and {Path(v).name for v in pairs} >= set(row["nearest_volumes"])
         assert row["held_out_nearest_ssim_median"] == pytest.approx(1.0)  # each held-out volume is a training volume
         assert all(0 <= row[k] <= 1 for k in ("empty_samples", "empty_train", "empty_autoencoder"))
         assert (out / f"grid_{name}.png").stat().st_size > 0
         assert len(list((out / "samples" / name).glob(f"sample_{name}_seed0_*.nii.gz"))) == 2
     assert "| a | 2 |" in (out / "generation.md").read_text()
+    assert "Nearest training volumes of the a samples: `" in (out / "generation.md").read_text()
     # a second run into the same folder, or one sample (no diversity to measure), is refused before any work
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(SystemExit):
