@@ -184,8 +184,13 @@ def pairwise(volumes: Sequence[torch.Tensor], metric: torch.nn.Module | object) 
     return [float(metric(a[None], b[None]).mean()) for a, b in itertools.combinations(volumes, 2)]
 
 
+def nearest_named(samples: Sequence[torch.Tensor], references: dict, ssim: SSIMMetric) -> list[tuple[float, object]]:
+    """Each sample's SSIM to its nearest reference, and that reference's key: which volume it lies nearest."""
+    return [max((float(ssim(s[None], r[None]).mean()), key) for key, r in references.items()) for s in samples]
+
+
 def nearest(samples: Sequence[torch.Tensor], references: Sequence[torch.Tensor], ssim: SSIMMetric) -> list[float]:
-    return [max(float(ssim(s[None], r[None]).mean()) for r in references) for s in samples]
+    return [score for score, _ in nearest_named(samples, dict(enumerate(references)), ssim)]
 
 
 @torch.no_grad()
@@ -294,7 +299,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     # each training volume's nearest other: the largest of these is the copy line, so name the pair that sets it
     train_nearest = {}
     for a in seen:
-        score, b = max((float(ssim(seen[a][None], seen[b][None]).mean()), b) for b in seen if b != a)
+        score, b = nearest_named([seen[a]], {b: v for b, v in seen.items() if b != a}, ssim)[0]
         train_nearest[str(a)] = {"nearest": str(b), "ssim": score}
     train_pairs = [pair["ssim"] for pair in train_nearest.values()]
     settings = vars(args) | {"device": str(device), "body_threshold": BODY_THRESHOLD, "smoothing": SMOOTHING}
@@ -325,7 +330,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         row["ms_ssim_samples"] = float(np.mean(pairwise(samples_seen, ms_ssim))) if len(samples) > 1 else None
         row["ms_ssim_train"] = float(np.mean(pairwise([seen[p] for p in train_groups[name]], ms_ssim))) if len(train_vols) > 1 else None
         # each sample's nearest training volume, named: which heads a model copies, if it copies
-        scored = [max((float(ssim(s[None], seen[p][None]).mean()), p) for p in seen) for s in samples_seen]
+        scored = nearest_named(samples_seen, seen, ssim)
         near = [score for score, _ in scored]
         row["nearest_volumes"] = [Path(p).name for _, p in scored]
         row["nearest_ssim_max"], row["nearest_ssim_median"] = max(near), float(np.median(near))
