@@ -1,5 +1,5 @@
 # Sourced by the throughput studies (scaling.sh, scaling_graphs.sh, profile_scaling.sh, cudagraph_training.sh,
-# cudagraph_steps.sh, host_sync.sh) from the bundle's root on a GPU host: the results folder $OUT, MONAI and
+# cudagraph_steps.sh, host_sync.sh, default_training.sh) from the bundle's root on a GPU host: the results folder $OUT, MONAI and
 # its dependencies from .whl/ installed once into .data/site (kept by a warm host), the generation volumes
 # unpacked into /tmp/gen, and how to launch a training on one GPU or several.
 mkdir -p "${OUT:?set OUT to the folder for the results}"

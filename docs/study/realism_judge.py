@@ -3,8 +3,8 @@
 pure noise, close to an average of training heads, and scores like real volumes on the Fréchet
 distance. Here a small 3D CNN learns real heads (label 1) against mixtures of two to four heads,
 each moved on its own, and blurs of them (label 0). Both sides get the samples' kinds of noise
-(voxel speckle and blocks of a latent cell), so the noise tells it nothing. In folds by volume,
-each real head is scored by the judges that did not train on it. Samples are scored by all of them.
+(voxel speckle and blocks of a latent cell), so the noise tells it nothing. In three folds by
+volume, each real head is scored by the judge that did not train on it, each sample by all three.
 
 First, on a machine with the bundle (MONAI), the volumes at 64^3 (2x average-pooled), as uint8:
 
