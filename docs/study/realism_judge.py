@@ -201,6 +201,11 @@ def prepare(args: argparse.Namespace) -> None:
     def small(v: torch.Tensor) -> torch.Tensor:
         return (F.avg_pool3d(v[None].float(), 2)[0].clamp(0, 1) * 255).round().to(torch.uint8)
 
+    sample_files = {}  # checked before any volume is read
+    for folder in args.samples:
+        sample_files[folder] = sorted(glob.glob(f"{folder}/*.nii.gz")) or sorted(glob.glob(f"{folder}/samples/*/*.nii.gz"))
+        if not sample_files[folder]:
+            raise SystemExit(f"--samples {folder}: no .nii.gz in it or in its samples/<class>/ (the output of configs/inference.yaml or scripts.evaluate_generation)")
     ckpt = load_checkpoint(args.diffusion_ckpt, "diffusion_ckpt")
     real = RealVolumes(ckpt, FactorAutoencoderKL(**ckpt["autoencoder_args"]).total_factor, torch.device("cpu"))
     names, full = [], []
@@ -215,8 +220,7 @@ def prepare(args: argparse.Namespace) -> None:
         load_network(net, path, "autoencoder", a["autoencoder_args"], "autoencoder_ckpt")
         out["sets"][f"real through {Path(path).stem}"] = torch.stack([small(through_autoencoder(net.eval(), v)) for v in full])
     for folder in args.samples:
-        files = sorted(glob.glob(f"{folder}/*.nii.gz")) or sorted(glob.glob(f"{folder}/samples/*/*.nii.gz"))
-        out["sets"][Path(folder).name] = torch.stack([small(read_sample(p)) for p in files])
+        out["sets"][Path(folder).name] = torch.stack([small(read_sample(p)) for p in sample_files[folder]])
     torch.save(out, args.volumes)
 
 
@@ -239,6 +243,9 @@ def main() -> None:
     j.add_argument("--affine", action="store_true")
     j.add_argument("--crop", type=int, default=0)
     args = parser.parse_args()
+    written = args.volumes if args.command == "prepare" else args.out
+    if Path(written).exists():
+        raise SystemExit(f"{written} exists: give a new file (it is not overwritten)")
     prepare(args) if args.command == "prepare" else judge(args)
 
 
